@@ -1,0 +1,97 @@
+"""Habits shared by every trainer: device choice, seeds, atomic checkpoints with exact resume, a JSONL loss log,
+and a budget in steps and/or minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file then rename, so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class JsonlLog:
+    """One JSON object per line; `mridc-bench plot-log` reads it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        record = {k: (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) if isinstance(v, np.floating) else v)
+                  for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class Budget:
+    """Stop after `steps` optimizer steps or `minutes` of wall time, whichever first (0 = no limit)."""
+
+    steps: int
+    minutes: float = 0.0
+    started: float = 0.0
+    elapsed_before: float = 0.0  # carried over on resume
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.started)
+
+    def progress(self, step: int) -> float:
+        by_steps = step / self.steps if self.steps else 0.0
+        by_time = self.elapsed() / (self.minutes * 60) if self.minutes else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def done(self, step: int) -> bool:
+        return (self.steps and step >= self.steps) or (self.minutes and self.elapsed() >= self.minutes * 60)
+
+
+def to_half_state_dict(module: torch.nn.Module) -> dict:
+    """Weights for shipping: floating tensors in fp16 (half the size; the decoder computes in fp32).
+
+    The codebook stays fp32: the model id is a hash of it and the edge searches it.
+    """
+    return {k: (v.half() if v.is_floating_point() and "codebook" not in k else v)
+            for k, v in module.state_dict().items()}

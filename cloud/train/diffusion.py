@@ -1,0 +1,145 @@
+"""Train the conditional diffusion model (BPCG part 2): it learns the residual between a training crop and the
+frozen tokenizer's decode of its tokens, where some tokens were replaced the way a predictor gets them wrong,
+with a trust map telling which tokens were real."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mridc.cloud.diffusion.scheduler import DDIMScheduler
+from mridc.cloud.diffusion.unet import ConditionalUNet, UNetConfig, tiny_unet_config
+from mridc.cloud.train.common import Budget, JsonlLog, atomic_save, pick_device, rng_state, seed_everything, set_rng_state
+from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
+from mridc.cloud.train.masks import sample_keep_masks
+from mridc.cloud.zoo import load_model
+from mridc.shared.zoo import default_shared_data_dir
+
+
+def corrupt_masked_tokens(tokens: torch.Tensor, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Masked positions get a neighbour's token half of the time: plausible but wrong, like a predictor's miss."""
+    n, h, w = tokens.shape
+    dy = torch.randint(-2, 3, (n, h, w), generator=generator).to(tokens.device)
+    dx = torch.randint(-2, 3, (n, h, w), generator=generator).to(tokens.device)
+    ys = (torch.arange(h, device=tokens.device)[None, :, None] + dy).clamp(0, h - 1)
+    xs = (torch.arange(w, device=tokens.device)[None, None, :] + dx).clamp(0, w - 1)
+    shifted = tokens[torch.arange(n, device=tokens.device)[:, None, None], ys, xs]
+    wrong = (~keep) & (torch.rand(n, h, w, generator=generator).to(tokens.device) < 0.5)
+    return torch.where(wrong, shifted, tokens)
+
+
+def diffusion_condition(decoded: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
+    """(N,3,H,W) decode + (N,h,w) trust in [0,1] -> (N,4,H,W) conditioning."""
+    trust_up = F.interpolate(trust[:, None].float(), size=decoded.shape[-2:], mode="nearest")
+    return torch.cat([decoded, trust_up * 2 - 1], dim=1)
+
+
+def train_diffusion(args: argparse.Namespace) -> Path:
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(run_dir / "log.jsonl")
+    tokenizer = load_model(args.tokenizer, "tokenizer", device)
+    stride = tokenizer.cfg.stride
+    cfg = tiny_unet_config() if args.tiny else UNetConfig()
+    model = ConditionalUNet(cfg).to(device)
+    if args.init and Path(args.init).exists():
+        blob = torch.load(args.init, map_location=device, weights_only=False)
+        model = ConditionalUNet(UNetConfig.from_dict(blob["config"])).to(device)
+        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+        print(f"initialised weights from {args.init}")
+    scheduler = DDIMScheduler()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    budget = Budget(args.steps, args.minutes)
+    step = 0
+    if (run_dir / "last.pt").exists():
+        ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        ema = ck["ema"]
+        step = ck["step"]
+        budget.elapsed_before = ck["elapsed"]
+        set_rng_state(ck["rng"])
+        print(f"resumed at step {step}")
+    shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
+    images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
+    sampler = CropSampler(images, args.crop, device)
+    rng = random.Random(args.seed + step)
+    gen = torch.Generator().manual_seed(args.seed + step)
+    amp = device.type == "cuda"
+    budget.start()
+    bar = tqdm(total=args.steps or None, initial=step, desc="diffusion", dynamic_ncols=True)
+    last_log = time.time()
+    while not budget.done(step):
+        with torch.no_grad():
+            x = sampler.sample(args.batch, rng)
+            tokens = tokenizer.encode_indices(x)
+            keep = sample_keep_masks(x, stride, gen, min_keep=0.05)
+            decoded = tokenizer.decode_indices(corrupt_masked_tokens(tokens, keep, gen)).clamp(-1, 1)
+            cond = diffusion_condition(decoded, keep.float())
+            residual = (x - decoded) / cfg.residual_scale
+            t = torch.randint(1, scheduler.num_train_timesteps, (x.shape[0],), generator=gen).to(device)
+            noise = torch.randn(residual.shape, generator=gen).to(device)
+            noisy = scheduler.add_noise(residual, noise, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(noisy, t, cond)
+        loss = F.mse_loss(pred.float(), residual)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].mul_(args.ema).add_(v, alpha=1 - args.ema)
+                else:
+                    ema[k].copy_(v)
+        step += 1
+        bar.update(1)
+        if time.time() - last_log > 10 or step % 100 == 0:
+            last_log = time.time()
+            log.write(step=step, elapsed=budget.elapsed(), loss=loss)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.save_every == 0 or budget.done(step):
+            atomic_save({"kind": "diffusion", "config": model.cfg.to_dict(), "state_dict": ema,
+                         "meta": {"step": step, "ema": args.ema, "tokenizer": str(args.tokenizer)}}, run_dir / "best.pt")
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
+                         "elapsed": budget.elapsed(), "rng": rng_state()}, run_dir / "last.pt")
+    bar.close()
+    return run_dir / "best.pt"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="models/tokenizer.pt", help="frozen tokenizer weights")
+    p.add_argument("--data", nargs="*")
+    p.add_argument("--shared-data")
+    p.add_argument("--out", required=True, help="run folder (last.pt resumes exactly; best.pt holds EMA weights)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--minutes", type=float, default=0.0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--init", help="start from these weights (e.g. models/diffusion.pt)")
+    p.add_argument("--tiny", action="store_true")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    train_diffusion(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
