@@ -1,0 +1,146 @@
+"""Service configuration: one TOML file, overridden by command-line flags, validated at start-up.
+
+Every field is documented in docs/deploy-cloud.md. Unknown keys are an error, so a typo in a config file
+fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+SHARED_GROUP = "mridc-decoders"
+FRAMES_FILTER = f"$share/{SHARED_GROUP}/mridc/v1/+/frames"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass
+class ServiceConfig:
+    # Where results go: PNGs, JSON sidecars and the SQLite index.
+    out_dir: Path = Path("cloud_out")
+    # MQTT ingest. None disables it. mqtt://HOST:PORT or mqtts://HOST:PORT (TLS).
+    mqtt_url: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_session_expiry_s: int = 3600
+    # gRPC ingest. None disables it. HOST:PORT; port 0 picks a free one.
+    grpc_addr: str | None = None
+    # TLS. mqtt_ca verifies the broker; grpc_cert/grpc_key serve gRPC over TLS.
+    mqtt_ca: Path | None = None
+    mqtt_cert: Path | None = None
+    mqtt_key: Path | None = None
+    grpc_cert: Path | None = None
+    grpc_key: Path | None = None
+    grpc_client_ca: Path | None = None  # set to require client certificates (mTLS)
+    # Per-device gRPC tokens: TOML/JSON file {device_id = "sha256:<hex>" | "<plain token>"}.
+    grpc_tokens: Path | None = None
+    allow_insecure: bool = False  # gRPC without TLS and tokens; for tests and local tools only
+    # Prometheus metrics on HOST:PORT; None disables.
+    metrics_addr: str | None = None
+    # Processes: `workers` > 1 runs a supervisor with that many worker processes.
+    workers: int = 1
+    # Unique per worker in the whole fleet: it is the MQTT client id, whose persistent session holds this
+    # worker's unacknowledged frames. Default: the host name.
+    worker_id: str | None = None
+    # Decode queue and batching.
+    queue_size: int = 16
+    batch_size: int = 4
+    batch_wait_ms: int = 20
+    grpc_enqueue_timeout_s: float = 5.0
+    # Validation limits.
+    max_payload_bytes: int = 64 * 1024
+    max_bitstream_bytes: int = 48 * 1024
+    max_meta_bytes: int = 2048
+    # Per-device rate limit (token bucket, per worker process). 0 disables.
+    rate_limit_fps: float = 5.0
+    rate_limit_burst: int = 20
+    # Decoder.
+    decoder: str = "mridc"  # "mridc" or "package.module:factory"
+    models_dir: Path | None = None
+    device: str = "cpu"
+    realism: float = 0.0
+    seed: int = 0
+    steps: int | None = None
+    # Logs.
+    log_format: str = "json"  # json | text
+    log_level: str = "INFO"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def mqtt_endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) from mqtt_url."""
+        url = urlparse(self.mqtt_url or "")
+        tls = url.scheme == "mqtts"
+        return url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), tls
+
+    def validate(self) -> ServiceConfig:
+        if not self.worker_id:
+            self.worker_id = socket.gethostname().split(".")[0] or "decoder"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.worker_id):
+            raise ConfigError(f"worker_id must be [A-Za-z0-9_.-]{{1,64}}, got {self.worker_id!r}")
+        if self.mqtt_url is None and self.grpc_addr is None:
+            raise ConfigError("nothing to ingest: set mqtt_url and/or grpc_addr")
+        if self.mqtt_url is not None:
+            scheme = urlparse(self.mqtt_url).scheme
+            if scheme not in ("mqtt", "mqtts"):
+                raise ConfigError(f"mqtt_url must start with mqtt:// or mqtts://, got {self.mqtt_url!r}")
+            if scheme == "mqtts" and self.mqtt_ca is None:
+                raise ConfigError("mqtts:// needs mqtt_ca (the CA that signed the broker's certificate)")
+        if self.grpc_addr is not None and not self.allow_insecure:
+            if self.grpc_cert is None or self.grpc_key is None:
+                raise ConfigError("gRPC needs grpc_cert and grpc_key (or allow_insecure for local tests)")
+            if self.grpc_tokens is None:
+                raise ConfigError("gRPC needs grpc_tokens (per-device tokens) unless allow_insecure")
+        for name in ("mqtt_ca", "mqtt_cert", "mqtt_key", "grpc_cert", "grpc_key", "grpc_client_ca",
+                     "grpc_tokens", "models_dir"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"{name}: {path} does not exist")
+        for name in ("workers", "queue_size", "batch_size", "max_payload_bytes", "max_bitstream_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.queue_size:
+            raise ConfigError(f"batch_size ({self.batch_size}) must not exceed queue_size ({self.queue_size})")
+        if not 0.0 <= self.realism <= 1.0:
+            raise ConfigError(f"realism must be in [0, 1], got {self.realism}")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
+        return self
+
+
+_PATH_FIELDS = {f.name for f in dataclasses.fields(ServiceConfig) if "Path" in str(f.type)}
+
+
+def load_config(path: str | Path | None = None, **overrides) -> ServiceConfig:
+    """Read a TOML config (flat keys, or under a [service] table), apply non-None overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        data = tomllib.loads(Path(path).read_text())
+        values.update(data.get("service", data))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ServiceConfig)} - {"extra"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    for name in _PATH_FIELDS & set(values):
+        values[name] = Path(values[name])
+    return ServiceConfig(**values).validate()
+
+
+def config_to_dict(config: ServiceConfig) -> dict:
+    """Plain-data form (paths as strings), for handing a config to a worker process."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out

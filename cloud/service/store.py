@@ -1,0 +1,239 @@
+"""Durable output store: one PNG + JSON sidecar per frame, and a SQLite index shared by all workers.
+
+The index is what makes delivery exactly-once in effect. A frame moves through two states:
+- `claimed`: one worker instance is decoding it. Another instance that receives the same frame (a broker
+  redelivery, or the same frame over gRPC) answers "busy" while the claimant is alive, and takes the claim
+  over when the claimant is dead (no heartbeat, or its worker slot restarted under a new instance).
+- `stored`: PNG and sidecar are on disk. Any later copy is a duplicate: acknowledged, never decoded again.
+Files are written (temp file + rename) before the row turns `stored`, so a stored row always has its files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CLAIMED, DUPLICATE, BUSY = "claimed", "duplicate", "busy"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    device_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT,
+    claimed_at REAL,
+    capture_time_us INTEGER,
+    stored_at REAL,
+    png_path TEXT,
+    sidecar_path TEXT,
+    bytes INTEGER,
+    bpp REAL,
+    width INTEGER,
+    height INTEGER,
+    model_id INTEGER,
+    transport TEXT,
+    worker_id TEXT,
+    PRIMARY KEY (device_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS frames_by_time ON frames (device_id, capture_time_us);
+CREATE TABLE IF NOT EXISTS instances (
+    instance TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL,
+    pid INTEGER,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class StoredFrame:
+    device_id: str
+    sequence: int
+    capture_time_us: int
+    width: int
+    height: int
+    bytes: int
+    bpp: float
+    model_id: int
+    transport: str
+    worker_id: str
+    decode: dict = field(default_factory=dict)  # realism, seed, steps, decoder
+    timings: dict = field(default_factory=dict)  # seconds: queue, decode, store, end_to_end ...
+    content_sha256: str = ""
+    stored_at: float = 0.0
+    png_path: str = ""
+    sidecar_path: str = ""
+
+
+def frame_basename(device_id: str, sequence: int) -> str:
+    return f"{device_id}_{sequence:012d}"
+
+
+class FrameStore:
+    """Thread-safe within a process; several processes may share one out_dir (SQLite WAL + busy timeout)."""
+
+    def __init__(self, out_dir: str | Path, *, dead_after_s: float = 15.0):
+        self.out_dir = Path(out_dir)
+        self.frames_dir = self.out_dir / "frames"
+        self.frames_dir.mkdir(parents=True, exist_ok=True)
+        self.dead_after_s = dead_after_s
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.out_dir / "index.sqlite", timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- worker instances --------------------------------------------------------------------------------
+    def register_instance(self, instance: str, worker_id: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?)",
+                             (instance, worker_id, os.getpid(), now, now))
+
+    def heartbeat(self, instance: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE instances SET last_seen = ? WHERE instance = ?", (time.time(), instance))
+
+    def _owner_alive(self, owner: str, now: float) -> bool:
+        row = self._db.execute("SELECT worker_id, started_at, last_seen FROM instances WHERE instance = ?",
+                               (owner,)).fetchone()
+        if row is None or now - row["last_seen"] > self.dead_after_s:
+            return False
+        # A newer instance in the same worker slot means this one was restarted: its claims are orphans.
+        newer = self._db.execute("SELECT 1 FROM instances WHERE worker_id = ? AND started_at > ? LIMIT 1",
+                                 (row["worker_id"], row["started_at"])).fetchone()
+        return newer is None
+
+    # -- claims ------------------------------------------------------------------------------------------
+    def claim(self, device_id: str, sequence: int, instance: str) -> str:
+        """CLAIMED (decode it), DUPLICATE (already stored) or BUSY (a live instance is decoding it)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                       (device_id, sequence)).fetchone()
+                if row is None:
+                    self._db.execute("INSERT INTO frames (device_id, sequence, state, owner, claimed_at) "
+                                     "VALUES (?, ?, 'claimed', ?, ?)", (device_id, sequence, instance, now))
+                    result = CLAIMED
+                elif row["state"] == "stored":
+                    result = DUPLICATE
+                elif row["owner"] != instance and self._owner_alive(row["owner"], now):
+                    result = BUSY
+                else:
+                    self._db.execute("UPDATE frames SET owner = ?, claimed_at = ? WHERE device_id = ? "
+                                     "AND sequence = ?", (instance, now, device_id, sequence))
+                    result = CLAIMED
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return result
+
+    def release(self, device_id: str, sequence: int, instance: str) -> None:
+        """Drop a claim that will not be completed (the frame was rejected after claiming)."""
+        with self._lock:
+            self._db.execute("DELETE FROM frames WHERE device_id = ? AND sequence = ? AND state = 'claimed' "
+                             "AND owner = ?", (device_id, sequence, instance))
+
+    # -- results -----------------------------------------------------------------------------------------
+    def paths_for(self, device_id: str, sequence: int) -> tuple[Path, Path]:
+        base = self.frames_dir / device_id / frame_basename(device_id, sequence)
+        return base.with_suffix(".png"), base.with_suffix(".json")
+
+    def put(self, record: StoredFrame, image: np.ndarray | None = None, png: bytes | None = None) -> StoredFrame:
+        """Write PNG and sidecar, then mark the index row stored. Call only while holding the claim."""
+        from PIL import Image
+
+        png_path, sidecar_path = self.paths_for(record.device_id, record.sequence)
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png_path.with_name(png_path.name + f".{os.getpid()}.tmp")
+        if png is not None:
+            tmp.write_bytes(png)
+        else:
+            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG", compress_level=3)
+        os.replace(tmp, png_path)
+        record.stored_at = time.time()
+        record.png_path = str(png_path.relative_to(self.out_dir))
+        record.sidecar_path = str(sidecar_path.relative_to(self.out_dir))
+        tmp = sidecar_path.with_name(sidecar_path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sidecar_dict(record), indent=2) + "\n")
+        os.replace(tmp, sidecar_path)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO frames (device_id, sequence, state, owner, capture_time_us, stored_at, png_path, "
+                "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id) "
+                "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device_id, sequence) DO UPDATE SET state = 'stored', owner = NULL, "
+                "capture_time_us = excluded.capture_time_us, stored_at = excluded.stored_at, "
+                "png_path = excluded.png_path, sidecar_path = excluded.sidecar_path, bytes = excluded.bytes, "
+                "bpp = excluded.bpp, width = excluded.width, height = excluded.height, "
+                "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id",
+                (record.device_id, record.sequence, record.capture_time_us, record.stored_at, record.png_path,
+                 record.sidecar_path, record.bytes, record.bpp, record.width, record.height, record.model_id,
+                 record.transport, record.worker_id))
+        return record
+
+    def is_stored(self, device_id: str, sequence: int) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM frames WHERE device_id = ? AND sequence = ?",
+                                   (device_id, sequence)).fetchone()
+        return row is not None and row["state"] == "stored"
+
+    def query(self, device_id: str | None = None, since_us: int | None = None, until_us: int | None = None,
+              limit: int | None = None) -> list[dict]:
+        """Stored frames, oldest capture first. Times are capture times in UNIX microseconds."""
+        sql = "SELECT * FROM frames WHERE state = 'stored'"
+        params: list = []
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            params.append(device_id)
+        if since_us is not None:
+            sql += " AND capture_time_us >= ?"
+            params.append(since_us)
+        if until_us is not None:
+            sql += " AND capture_time_us < ?"
+            params.append(until_us)
+        sql += " ORDER BY capture_time_us, device_id, sequence"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        hidden = ("state", "owner", "claimed_at")
+        return [{k: row[k] for k in row.keys() if k not in hidden} for row in rows]  # noqa: SIM118 (sqlite3.Row)
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM frames WHERE state = 'stored'").fetchone()[0]
+
+
+def sidecar_dict(record: StoredFrame) -> dict:
+    data = asdict(record)
+    data["capture_time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.capture_time_us / 1e6)) + (
+        f".{record.capture_time_us % 1_000_000:06d}Z")
+    data["bits"] = record.bytes * 8
+    return data
+
+
+def open_store_readonly(out_dir: str | Path) -> FrameStore:
+    """For `mridc-cloud frames`: refuses to create an index where none exists."""
+    if not (Path(out_dir) / "index.sqlite").exists():
+        raise FileNotFoundError(f"no frame index in {out_dir} (expected {Path(out_dir) / 'index.sqlite'})")
+    return FrameStore(out_dir)

@@ -1,0 +1,317 @@
+"""The transport-independent core of a worker: admit a frame, queue it, decode in batches, store, ack.
+
+Both ingest paths (MQTT and gRPC) call `DecodeService.submit(envelope, transport, done)`. `done(ack)` is
+called exactly once per submission: immediately for a rejected, duplicate, busy or rate-limited frame, and
+only after the PNG, sidecar and index row are durable for a decoded one. The MQTT ingest acks the broker
+message inside `done`, which is what makes a worker that dies mid-decode lose nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from mridc.v1 import mridc_pb2
+
+from .config import ServiceConfig
+from .metrics import ServiceMetrics
+from .ratelimit import DeviceRateLimiter
+from .store import BUSY, DUPLICATE, FrameStore, StoredFrame
+from .validation import FrameRejected, Limits, ValidFrame, validate_envelope
+
+log = logging.getLogger("mridc.cloud.service")
+
+Ack = mridc_pb2.FrameAck
+AckCallback = Callable[[mridc_pb2.FrameAck], None]
+
+
+class FrameDecoder(Protocol):
+    """What the service needs from a decoder (mridc.cloud.pipeline.MRIDCDecoder satisfies it)."""
+
+    def validate(self, bitstream: bytes) -> Any: ...
+
+    def decode_batch(self, bitstreams: Sequence[bytes], realism: float = 0.0, seed: int = 0) -> list[np.ndarray]: ...
+
+
+def load_decoder(spec: str, models_dir=None, device: str = "cpu") -> FrameDecoder:
+    """"mridc" -> MRIDCDecoder.from_pretrained; "package.module:factory" -> factory(models_dir=, device=)."""
+    if spec == "mridc":
+        from mridc.cloud.pipeline import MRIDCDecoder
+
+        return MRIDCDecoder.from_pretrained(models_dir=models_dir, device=device)
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"decoder must be 'mridc' or 'module:factory', got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory(models_dir=models_dir, device=device)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def make_ack(device_id: str, sequence: int, status: int, reason: str = "") -> mridc_pb2.FrameAck:
+    return mridc_pb2.FrameAck(device_id=device_id, sequence=sequence, status=status, reason=reason)
+
+
+@dataclass
+class DecodeJob:
+    frame: ValidFrame
+    transport: str
+    received_mono: float
+    callbacks: list[AckCallback] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.frame.envelope.device_id, self.frame.envelope.sequence
+
+
+class DecodeQueue:
+    """Bounded FIFO. `put(job, wait=None)` always admits (the MQTT lane, bounded by the broker's Receive
+    Maximum); `put(job, wait=s)` waits up to s seconds for room and returns False when there is none."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: collections.deque[DecodeJob] = collections.deque()
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, job: DecodeJob, wait: float | None = None) -> bool:
+        with self._cond:
+            if wait is not None:
+                deadline = time.monotonic() + wait
+                while len(self._items) >= self.capacity and not self.closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+            self._items.append(job)
+            self._cond.notify_all()
+            return True
+
+    def get_batch(self, max_items: int, wait_s: float, idle_timeout: float = 0.2) -> list[DecodeJob]:
+        """Up to max_items jobs: waits idle_timeout for the first, then up to wait_s for the batch to fill."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(idle_timeout)
+                if not self._items:
+                    return []
+            deadline = time.monotonic() + wait_s
+            while len(self._items) < max_items and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = [self._items.popleft() for _ in range(min(max_items, len(self._items)))]
+            self._cond.notify_all()
+            return batch
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class DecodeService:
+    def __init__(self, config: ServiceConfig, decoder: FrameDecoder, store: FrameStore,
+                 metrics: ServiceMetrics | None = None, *, instance: str | None = None):
+        self.config = config
+        self.decoder = decoder
+        self.store = store
+        self.metrics = metrics or ServiceMetrics()
+        self.instance = instance or f"{config.worker_id}:{time.time_ns()}"
+        self.limits = Limits(config.max_payload_bytes, config.max_bitstream_bytes, config.max_meta_bytes)
+        self.known_model_ids = getattr(decoder, "model_ids", None)
+        self.rate_limiter = DeviceRateLimiter(config.rate_limit_fps, config.rate_limit_burst)
+        self.queue = DecodeQueue(config.queue_size)
+        self.decoder_lock = threading.Lock()  # the batch loop and the Decode RPC share one decoder
+        self._inflight: dict[tuple[str, int], DecodeJob] = {}
+        self._inflight_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.decoded_count = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.store.register_instance(self.instance, self.config.worker_id)
+        for target, name in ((self._decode_loop, "decode"), (self._heartbeat_loop, "heartbeat")):
+            thread = threading.Thread(target=target, name=f"mridc-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Finish what is queued (up to drain_timeout), then stop the threads."""
+        deadline = time.monotonic() + drain_timeout
+        while (len(self.queue) or self._inflight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self.queue.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # -- admission ---------------------------------------------------------------------------------------
+    def submit(self, envelope: mridc_pb2.FrameEnvelope, transport: str, done: AckCallback, *,
+               topic_device: str | None = None, authenticated_device: str | None = None,
+               payload_bytes: int | None = None, wait: float | None = None) -> None:
+        self.metrics.frames_in.labels(transport).inc()
+        device, sequence = envelope.device_id, envelope.sequence
+        ack_device = topic_device or authenticated_device or device
+        try:
+            frame = validate_envelope(envelope, self.limits, self.decoder.validate,
+                                      known_model_ids=self.known_model_ids, topic_device=topic_device,
+                                      authenticated_device=authenticated_device, payload_bytes=payload_bytes)
+        except FrameRejected as exc:
+            self._reject(ack_device, sequence, exc, done, transport)
+            return
+        self.metrics.device_bytes.labels(device).inc(len(envelope.bitstream))
+        key = (device, sequence)
+        with self._inflight_lock:
+            job = self._inflight.get(key)
+            if job is not None:  # the same frame again while this worker is still decoding it
+                job.callbacks.append(done)
+                return
+            claim = self.store.claim(device, sequence, self.instance)
+            if claim == DUPLICATE:
+                self.metrics.frames_duplicate.inc()
+                done(make_ack(device, sequence, Ack.DUPLICATE, "already stored"))
+                return
+            if claim == BUSY:
+                self.metrics.frames_busy.inc()
+                done(make_ack(device, sequence, Ack.RETRY_LATER, "being decoded by another worker"))
+                return
+            if not self.rate_limiter.allow(device):
+                self.store.release(device, sequence, self.instance)
+                self.metrics.rate_limited.inc()
+                done(make_ack(device, sequence, Ack.RETRY_LATER, "rate limited"))
+                return
+            job = DecodeJob(frame, transport, time.monotonic(), [done])
+            self._inflight[key] = job
+        if not self.queue.put(job, wait=wait):
+            with self._inflight_lock:
+                self._inflight.pop(key, None)
+                self.store.release(device, sequence, self.instance)
+            self._finish(job, make_ack(device, sequence, Ack.RETRY_LATER, "decode queue full"))
+            return
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def _reject(self, device: str, sequence: int, exc: FrameRejected, done: AckCallback, transport: str) -> None:
+        self.metrics.frames_rejected.labels(exc.code).inc()
+        log.warning("frame rejected", extra={"fields": {"device": device, "sequence": sequence,
+                                                         "reason": exc.code, "detail": exc.detail,
+                                                         "transport": transport}})
+        done(make_ack(device, sequence, Ack.REJECTED, f"{exc.code}: {exc.detail}"))
+
+    def _finish(self, job: DecodeJob, ack: mridc_pb2.FrameAck) -> None:
+        with self._inflight_lock:
+            self._inflight.pop(job.key, None)
+            callbacks = list(job.callbacks)
+        for callback in callbacks:
+            try:
+                callback(ack)
+            except Exception:  # one broken transport must not stop the decode loop
+                log.exception("ack callback failed")
+
+    # -- decoding ----------------------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(2.0):
+            try:
+                self.store.heartbeat(self.instance)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _decode_loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self.queue.get_batch(self.config.batch_size, self.config.batch_wait_ms / 1000)
+            self.metrics.queue_depth.set(len(self.queue))
+            if batch:
+                self._decode_batch(batch)
+
+    def _decode_kwargs(self) -> dict:
+        kwargs = {"realism": self.config.realism, "seed": self.config.seed}
+        if self.config.steps:
+            kwargs["steps"] = self.config.steps
+        return kwargs
+
+    def _decode_batch(self, batch: list[DecodeJob]) -> None:
+        start = time.monotonic()
+        bitstreams = [job.frame.envelope.bitstream for job in batch]
+        images: list[np.ndarray | Exception]
+        try:
+            with self.decoder_lock:
+                images = list(self.decoder.decode_batch(bitstreams, **self._decode_kwargs()))
+        except Exception:
+            # One poisoned frame must not sink the batch: retry one by one to find it.
+            log.exception("batch decode failed; retrying frame by frame")
+            images = []
+            for bitstream in bitstreams:
+                try:
+                    with self.decoder_lock:
+                        images.append(self.decoder.decode_batch([bitstream], **self._decode_kwargs())[0])
+                except Exception as exc:
+                    log.warning("frame decode failed", exc_info=True)
+                    images.append(exc)
+        decode_s = time.monotonic() - start
+        self.metrics.decode_seconds.observe(decode_s)
+        self.metrics.batch_size.observe(len(batch))
+        for job, image in zip(batch, images, strict=True):
+            env = job.frame.envelope
+            if isinstance(image, Exception):
+                self.store.release(env.device_id, env.sequence, self.instance)
+                exc = FrameRejected("decode_failed", f"{type(image).__name__}: {image}"[:200])
+                self.metrics.frames_rejected.labels(exc.code).inc()
+                self._finish(job, make_ack(env.device_id, env.sequence, Ack.REJECTED, str(exc)))
+                continue
+            try:
+                record = self._store(job, image, start, decode_s, len(batch))
+            except Exception:
+                # Not stored, not acked: the broker redelivers it (MQTT) / the device resends (gRPC).
+                log.exception("store failed", extra={"fields": {"device": env.device_id, "sequence": env.sequence}})
+                self.store.release(env.device_id, env.sequence, self.instance)
+                self._finish(job, make_ack(env.device_id, env.sequence, Ack.RETRY_LATER, "store failed"))
+                continue
+            self.decoded_count += 1
+            self.metrics.frames_stored.labels(job.transport).inc()
+            self.metrics.end_to_end_seconds.observe(max(0.0, record.stored_at - env.capture_time_us / 1e6))
+            log.info("frame stored", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
+                                                       "bytes": record.bytes, "bpp": round(record.bpp, 5),
+                                                       "decode_s": round(decode_s, 4), "batch": len(batch),
+                                                       "transport": job.transport}})
+            self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED))
+
+    def _store(self, job: DecodeJob, image: np.ndarray, start: float, decode_s: float, batch: int) -> StoredFrame:
+        env = job.frame.envelope
+        height, width = image.shape[:2]
+        store_start = time.monotonic()
+        record = StoredFrame(
+            device_id=env.device_id, sequence=env.sequence, capture_time_us=env.capture_time_us,
+            width=int(width), height=int(height), bytes=len(env.bitstream),
+            bpp=len(env.bitstream) * 8 / float(width * height), model_id=env.model_id,
+            transport=job.transport, worker_id=self.config.worker_id,
+            decode={"decoder": self.config.decoder, "realism": self.config.realism, "seed": self.config.seed,
+                    "steps": self.config.steps, "device": self.config.device},
+            content_sha256=hashlib.sha256(env.bitstream).hexdigest(),
+            timings={"queue_s": round(start - job.received_mono, 6), "decode_batch_s": round(decode_s, 6),
+                     "batch_size": batch},
+        )
+        self.metrics.queue_seconds.observe(start - job.received_mono)
+        png = encode_png(image)
+        record.timings["png_encode_s"] = round(time.monotonic() - store_start, 6)
+        record = self.store.put(record, png=png)
+        return record
