@@ -1,0 +1,407 @@
+"""The edge agent: capture -> encode -> durable queue -> transport -> cloud acks -> status.
+
+The pieces are passed in (encoder, transport, queue, source), so tests and the fleet simulator
+run the same loop with a synthetic encoder or an in-process cloud:
+
+>>> agent = EdgeAgent(device_id="cam-01", encoder=EdgeEncoder(), transport=open_transport(url, "cam-01"),
+...                   queue=FrameQueue(path, "cam-01"), source=open_source("camera:0", fps=0.2))
+>>> report = agent.run(stop_event)
+
+``mridc-edge run`` is ``add_run_arguments`` + ``run_from_args`` (wired in edge/cli.py).
+
+Delivery: a frame is accepted once it is on disk (``FrameQueue.put``). The ``Forwarder`` sends the
+oldest queued frames, at most ``window`` without an ack; a frame with no ack after ``ack_timeout_s``
+(or whose connection was reset) is sent again; an ack STORED/DUPLICATE/REJECTED removes it;
+RETRY_LATER holds it back for ``retry_later_s``. At-least-once on the wire, exactly-once in effect
+because the cloud dedupes by (device id, sequence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from mridc.edge.capture import CapturedFrame
+from mridc.edge.queue import FrameQueue, PutResult
+from mridc.edge.transport.base import Transport
+from mridc.v1 import mridc_pb2
+
+log = logging.getLogger("mridc.edge.agent")
+
+
+class Encoder(Protocol):
+    """What the agent needs from an encoder (``mridc.edge.encoder.EdgeEncoder`` has it)."""
+
+    def encode(self, image, bpp: float = ..., **kwargs): ...  # -> result with .bitstream, .token_frame
+
+
+class Forwarder:
+    """Moves frames from the queue to a transport and applies the cloud's acks to the queue."""
+
+    def __init__(self, queue: FrameQueue, transport: Transport, *, window: int = 4, ack_timeout_s: float = 60.0,
+                 retry_later_s: float = 5.0) -> None:
+        self.queue = queue
+        self.transport = transport
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
+        self.retry_later_s = retry_later_s
+        self._inflight: dict[int, float] = {}  # sequence -> resend after (monotonic)
+        self._held: dict[int, float] = {}  # RETRY_LATER: sequence -> not before (monotonic)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.stats = {"sent": 0, "resent": 0, "ack_timeouts": 0, "acked": 0, "retry_later": 0, "resets": 0}
+        self._ever_sent: set[int] = set()
+        transport.on_ack = self._on_ack
+        transport.on_reset = self._on_reset
+
+    def _on_ack(self, ack: mridc_pb2.FrameAck) -> None:
+        left = self.queue.ack(ack.sequence, ack.status)
+        with self._lock:
+            self._inflight.pop(ack.sequence, None)
+            if ack.status == mridc_pb2.FrameAck.RETRY_LATER:
+                self.stats["retry_later"] += 1
+                self._held[ack.sequence] = time.monotonic() + self.retry_later_s
+            else:
+                self._held.pop(ack.sequence, None)
+                self._ever_sent.discard(ack.sequence)
+                if left:
+                    self.stats["acked"] += 1
+        if ack.status == mridc_pb2.FrameAck.REJECTED:
+            log.warning("%s: cloud rejected frame %d: %s", self.queue.device_id, ack.sequence, ack.reason)
+        self._wake.set()
+
+    def _on_reset(self) -> None:
+        with self._lock:
+            self._inflight.clear()
+            self.stats["resets"] += 1
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A new frame was queued (or the link came back): look at the queue now."""
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def step(self) -> int:
+        """Send what the window allows; returns how many frames were handed to the transport."""
+        if not self.transport.connected:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            for seq, deadline in list(self._inflight.items()):
+                if deadline <= now:
+                    del self._inflight[seq]
+                    self.stats["ack_timeouts"] += 1
+            for seq, not_before in list(self._held.items()):
+                if not_before <= now:
+                    del self._held[seq]
+            room = self.window - len(self._inflight)
+            exclude = set(self._inflight) | set(self._held)
+        if room <= 0:
+            return 0
+        sent = 0
+        for frame in self.queue.pending(limit=room, exclude=exclude):
+            if not self.transport.send(frame.to_envelope()):
+                break
+            with self._lock:
+                self._inflight[frame.sequence] = time.monotonic() + self.ack_timeout_s
+                self.stats["sent"] += 1
+                if frame.sequence in self._ever_sent:
+                    self.stats["resent"] += 1
+                self._ever_sent.add(frame.sequence)
+            sent += 1
+        return sent
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent = self.step()
+            except Exception:
+                log.exception("%s: forwarder step failed", self.queue.device_id)
+                sent = 0
+            if not sent:
+                self._wake.wait(0.2)
+            self._wake.clear()
+
+
+class EdgeAgent:
+    """One camera: captures, encodes, queues durably, forwards, reports status."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        encoder: Encoder,
+        transport: Transport,
+        queue: FrameQueue,
+        source: Iterable[CapturedFrame] | None = None,
+        bpp: float = 0.02,
+        min_bpp: float = 0.005,
+        rois: list[tuple[int, int, int, int]] | None = None,
+        heartbeat_s: float = 30.0,
+        window: int = 4,
+        ack_timeout_s: float = 60.0,
+        retry_later_s: float = 5.0,
+    ) -> None:
+        self.device_id = device_id
+        self.encoder = encoder
+        self.transport = transport
+        self.queue = queue
+        self.source = source
+        self.target_bpp = bpp
+        self.current_bpp = bpp
+        self.min_bpp = min_bpp
+        self.rois = rois or []
+        self.heartbeat_s = heartbeat_s
+        self.forwarder = Forwarder(queue, transport, window=window, ack_timeout_s=ack_timeout_s,
+                                   retry_later_s=retry_later_s)
+        self.stats = {"captured": 0, "accepted": 0, "refused": 0, "dropped_oldest": 0, "encode_errors": 0,
+                      "bpp_lowered": 0}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.accepted_sequences: list[int] = []  # this run's accepted frames, in order (for tests/reports)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect and start forwarding (already queued frames go out even before any capture)."""
+        if self._threads:
+            return
+        self._stop.clear()
+        self.transport.start()
+        for name, target in (("forwarder", self.forwarder.run), ("heartbeat", self._heartbeat_loop)):
+            thread = threading.Thread(target=target, args=(self._stop,), name=f"{name}-{self.device_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if hasattr(self.source, "close"):
+            self.source.close()
+        self.forwarder.wake()
+        for thread in self._threads:
+            thread.join(5)
+        self._threads = []
+        self.transport.close()
+
+    def status(self) -> dict:
+        return {
+            "device_id": self.device_id,
+            "bpp": round(self.current_bpp, 5),
+            "agent": dict(self.stats),
+            "queue": self.queue.stats(),
+            "forwarder": dict(self.forwarder.stats),
+            "transport": dict(self.transport.stats),
+            "connected": self.transport.connected,
+        }
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        was_connected = False
+        next_beat = 0.0
+        while not stop.is_set():
+            connected = self.transport.connected
+            if connected and (not was_connected or time.monotonic() >= next_beat):
+                try:
+                    self.transport.publish_status(self.status())
+                except Exception:
+                    log.exception("%s: heartbeat failed", self.device_id)
+                next_beat = time.monotonic() + self.heartbeat_s
+            was_connected = connected
+            stop.wait(min(0.5, self.heartbeat_s))
+
+    # -- capture side --------------------------------------------------------------------------------
+    def submit(self, image, capture_time_us: int | None = None) -> PutResult | None:
+        """Encode one RGB frame and put it in the queue. Returns the queue's verdict (None: encode failed)."""
+        self.stats["captured"] += 1
+        kwargs = {"bpp": self.current_bpp}
+        if self.rois:
+            kwargs["rois"] = self.rois
+        try:
+            result = self.encoder.encode(image, **kwargs)
+        except Exception:
+            self.stats["encode_errors"] += 1
+            log.exception("%s: encoding failed", self.device_id)
+            return None
+        token_frame = getattr(result, "token_frame", None)
+        model_id = int(getattr(token_frame, "model_id", 0) or 0)
+        meta = {"bpp": f"{getattr(result, 'bpp', 0.0):.5f}", "target_bpp": f"{self.current_bpp:.5f}"}
+        put = self.queue.put(result.bitstream, capture_time_us=capture_time_us, model_id=model_id, meta=meta)
+        if put.accepted:
+            self.stats["accepted"] += 1
+            self.accepted_sequences.append(put.sequence)
+            self.forwarder.wake()
+        else:
+            self.stats["refused"] += 1
+            log.warning("%s: frame refused by the queue: %s", self.device_id, put.reason)
+        if put.dropped:
+            self.stats["dropped_oldest"] += len(put.dropped)
+            log.warning("%s: queue full, dropped oldest frames %s", self.device_id, list(put.dropped))
+        self._adapt_bpp(put)
+        return put
+
+    def _adapt_bpp(self, put: PutResult) -> None:
+        if put.lower_bpp and self.current_bpp > self.min_bpp:
+            self.current_bpp = max(self.min_bpp, self.current_bpp * 0.75)
+            self.stats["bpp_lowered"] += 1
+            log.warning("%s: queue under pressure, bpp lowered to %.4f", self.device_id, self.current_bpp)
+        elif not put.lower_bpp and self.current_bpp < self.target_bpp and self.queue.stats()["fill"] < 0.5:
+            self.current_bpp = min(self.target_bpp, self.current_bpp / 0.75)
+
+    def run(self, stop: threading.Event | None = None, *, max_frames: int | None = None,
+            drain_timeout_s: float = 0.0) -> dict:
+        """Capture until the source ends, ``stop`` is set or ``max_frames``; then wait up to
+        ``drain_timeout_s`` for the queue to empty. Returns the final status."""
+        stop = stop or threading.Event()
+        self.start()
+        try:
+            if self.source is not None:
+                for frame in self.source:
+                    if stop.is_set():
+                        break
+                    self.submit(frame.image, frame.capture_time_us)
+                    if max_frames is not None and self.stats["captured"] >= max_frames:
+                        break
+            deadline = time.monotonic() + drain_timeout_s
+            while len(self.queue) and time.monotonic() < deadline and not stop.is_set():
+                stop.wait(0.1)
+            return self.status()
+        finally:
+            self.stop()
+
+
+# -- command line (mridc-edge run) -----------------------------------------------------------------
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``mridc-edge run``. Each overrides the matching field of ``--config``."""
+    parser.add_argument("--config", metavar="FILE", help="device TOML config (docs/deploy-edge.md)")
+    parser.add_argument("--source", help="camera:INDEX, VIDEO_FILE or IMAGE_DIR [source.uri]")
+    parser.add_argument("--transport", metavar="URL",
+                        help="mqtt://HOST:PORT, mqtts://..., grpc://HOST:PORT or grpcs://... [transport.url]")
+    parser.add_argument("--device-id", help="device id, [A-Za-z0-9_-]{1,64} [device.id]")
+    parser.add_argument("--bpp", type=float, help="target bits per pixel [encoder.bpp]")
+    parser.add_argument("--fps", type=float, help="frames per second taken from the source, 0 = unpaced [source.fps]")
+    parser.add_argument("--loop", action="store_true", default=None, help="loop a video file or image folder")
+    parser.add_argument("--backend", choices=("onnx", "litert", "torch"), help="encoder backend [encoder.backend]")
+    parser.add_argument("--models-dir", help="edge model folder [encoder.models_dir]")
+    parser.add_argument("--queue", metavar="PATH", help="queue SQLite file [queue.path]")
+    parser.add_argument("--queue-max-frames", type=int, help="queue bound in frames [queue.max_frames]")
+    parser.add_argument("--queue-policy", choices=("drop_oldest", "drop_newest", "lower_bpp"),
+                        help="what to do when the queue is full [queue.policy]")
+    parser.add_argument("--username", help="MQTT user name [transport.username]")
+    parser.add_argument("--password-file", help="file holding the MQTT password [transport.password_file]")
+    parser.add_argument("--token-file", help="file holding the gRPC bearer token [transport.token_file]")
+    parser.add_argument("--ca-file", help="CA certificate for TLS URLs [transport.ca_file]")
+    parser.add_argument("--cert-file", help="client certificate for mutual TLS [transport.cert_file]")
+    parser.add_argument("--key-file", help="client key for mutual TLS [transport.key_file]")
+    parser.add_argument("--max-frames", type=int, help="stop after capturing this many frames")
+    parser.add_argument("--drain-timeout", type=float, default=0.0, metavar="S",
+                        help="at the end, wait up to S seconds for the queue to empty")
+
+
+_OVERRIDES = {
+    "source": ("source", "uri"), "transport": ("transport", "url"), "device_id": ("device", "id"),
+    "bpp": ("encoder", "bpp"), "fps": ("source", "fps"), "loop": ("source", "loop"),
+    "backend": ("encoder", "backend"), "models_dir": ("encoder", "models_dir"), "queue": ("queue", "path"),
+    "queue_max_frames": ("queue", "max_frames"), "queue_policy": ("queue", "policy"),
+    "username": ("transport", "username"), "password_file": ("transport", "password_file"),
+    "token_file": ("transport", "token_file"), "ca_file": ("transport", "ca_file"),
+    "cert_file": ("transport", "cert_file"), "key_file": ("transport", "key_file"),
+}
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated ``DeviceConfig``: ``--config`` file (if any) with command-line overrides applied."""
+    from mridc.edge.config import DeviceConfig, load_config
+
+    config = load_config(args.config) if getattr(args, "config", None) else DeviceConfig()
+    for attr, (section, name) in _OVERRIDES.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(getattr(config, section), name, value)
+    config.encoder.min_bpp = min(config.encoder.min_bpp, config.encoder.bpp)
+    return config.validate()
+
+
+def build_transport(config) -> Transport:
+    from mridc.edge.transport.base import Backoff, TlsFiles, open_transport
+
+    t = config.transport
+    tls = None
+    if t.ca_file or t.cert_file or t.url.split("://", 1)[0].endswith("s"):
+        tls = TlsFiles(t.ca_file or None, t.cert_file or None, t.key_file or None)
+    backoff = Backoff(t.backoff_initial_s, t.backoff_max_s)
+    options = {"keepalive_s": t.keepalive_s, "backoff": backoff}
+    if t.url.startswith("mqtt"):
+        options["session_expiry_s"] = t.session_expiry_s
+    else:
+        options["connect_deadline_s"] = t.connect_deadline_s
+    return open_transport(t.url, config.device.id, username=t.username or None, password=config.password(),
+                          token=config.token(), tls=tls, **options)
+
+
+def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None = None) -> EdgeAgent:
+    """An ``EdgeAgent`` for a validated config; ``source`` defaults to ``config.source``."""
+    from mridc.edge.capture import open_source
+
+    if source is None:
+        size = (config.source.width, config.source.height) if config.source.width else None
+        source = open_source(config.source.uri, fps=config.source.fps, size=size, loop=config.source.loop,
+                             max_frames=max_frames)
+    queue = FrameQueue(config.queue_path(), config.device.id, max_frames=config.queue.max_frames,
+                       max_bytes=int(config.queue.max_mb * 1024 * 1024), policy=config.queue.policy)
+    return EdgeAgent(
+        device_id=config.device.id, encoder=encoder, transport=build_transport(config), queue=queue, source=source,
+        bpp=config.encoder.bpp, min_bpp=config.encoder.min_bpp,
+        rois=[(r.x, r.y, r.w, r.h) for r in config.encoder.rois], heartbeat_s=config.status.heartbeat_s,
+        window=config.transport.window, ack_timeout_s=config.transport.ack_timeout_s,
+    )
+
+
+def run_from_args(args: argparse.Namespace, encoder: Encoder | None = None) -> int:
+    """``mridc-edge run``: 0 when the source ended (or SIGTERM/SIGINT), 2 on a config error."""
+    from mridc.edge.capture import CaptureError
+    from mridc.edge.config import ConfigError
+    from mridc.edge.queue import QueueError
+    from mridc.edge.transport.base import TransportError
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        if encoder is None:
+            from mridc.edge.encoder import EdgeEncoder
+
+            encoder = EdgeEncoder(models_dir=config.encoder.models_dir or None, backend=config.encoder.backend)
+        agent = build_agent(config, encoder, max_frames=getattr(args, "max_frames", None))
+    except (ConfigError, CaptureError, QueueError, TransportError, OSError) as exc:
+        print(f"mridc-edge run: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    log.info("%s: %s -> %s, bpp %.4f, queue %s (%s)", config.device.id, config.source.uri, config.transport.url,
+             config.encoder.bpp, config.queue_path(), config.queue.policy)
+    status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
+                       drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
+    log.info("%s: done: %s", config.device.id, {k: status[k] for k in ("agent", "forwarder")} | {
+        "queue_depth": status["queue"]["depth"]})
+    agent.queue.close()
+    return 0
+
+
+__all__ = ["EdgeAgent", "Forwarder", "add_run_arguments", "build_agent", "build_transport", "config_from_args",
+           "run_from_args"]
