@@ -292,7 +292,8 @@ class DecodeService:
             log.info("frame stored", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
                                                        "bytes": record.bytes, "bpp": round(record.bpp, 5),
                                                        "decode_s": round(decode_s, 4), "batch": len(batch),
-                                                       "transport": job.transport}})
+                                                       "transport": job.transport,
+                                                       "worker_id": self.config.worker_id}})
             self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED))
 
     def _store(self, job: DecodeJob, image: np.ndarray, start: float, decode_s: float, batch: int) -> StoredFrame:
