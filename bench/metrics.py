@@ -14,7 +14,6 @@ import numpy as np
 # A box is (x0, y0, x1, y1) in pixels, x1/y1 exclusive, the convention of OpenCV rectangles and PIL crops.
 Box = tuple[int, int, int, int]
 
-MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _MSSSIM_WIN = 11
 
 
@@ -40,12 +39,11 @@ def psnr(ref: np.ndarray, dec: np.ndarray, peak: float = 255.0) -> float:
 
 
 def ms_ssim(ref: np.ndarray, dec: np.ndarray) -> float:
-    """MS-SSIM (pytorch-msssim, data range 255, RGB averaged).
+    """MS-SSIM (pytorch-msssim: 5 scales, standard weights, Gaussian window 11, data range 255, RGB mean).
 
-    The standard 5 scales need a short side of at least 161 px; smaller images (ROI crops) use as many
-    scales as fit, with the standard weights renormalised, and below 11 px fall back to plain SSIM on a
-    window the size of the image. The number of scales used is what makes small-crop values comparable
-    only to each other; ``ms_ssim_scales`` reports it.
+    pytorch-msssim needs a short side above 160 px for the 11-px window. Smaller images (ROI crops) use the
+    largest odd window that fits (>= 3), and below 33 px plain SSIM; ``ms_ssim_window`` tells which. Such
+    values are comparable to each other (same crop, other codec), not to full-image MS-SSIM.
     """
     _check_pair(ref, dec)
     import torch
@@ -54,27 +52,24 @@ def ms_ssim(ref: np.ndarray, dec: np.ndarray) -> float:
 
     x = torch.from_numpy(np.array(ref, dtype=np.float32)).permute(2, 0, 1)[None]
     y = torch.from_numpy(np.array(dec, dtype=np.float32)).permute(2, 0, 1)[None]
-    scales = ms_ssim_scales(ref.shape[0], ref.shape[1])
+    win = ms_ssim_window(ref.shape[0], ref.shape[1])
     with torch.no_grad():
-        if scales >= 2:
-            weights = list(MSSSIM_WEIGHTS[:scales])
-            total = sum(weights)
-            weights = [w / total for w in weights]
-            value = _ms_ssim(x, y, data_range=255.0, size_average=True, weights=weights)
+        if win is not None:
+            value = _ms_ssim(x, y, data_range=255.0, size_average=True, win_size=win)
         else:
-            win = min(_MSSSIM_WIN, ref.shape[0], ref.shape[1])
-            win = win if win % 2 == 1 else win - 1
-            value = _ssim(x, y, data_range=255.0, size_average=True, win_size=max(win, 1))
+            short = min(ref.shape[0], ref.shape[1])
+            value = _ssim(x, y, data_range=255.0, size_average=True, win_size=max(1, min(_MSSSIM_WIN, short) // 2 * 2 - 1))
     return float(value)
 
 
-def ms_ssim_scales(height: int, width: int) -> int:
-    """How many MS-SSIM scales fit: pytorch-msssim needs min side > (win - 1) * 2**(scales - 1)."""
+def ms_ssim_window(height: int, width: int) -> int | None:
+    """The Gaussian window MS-SSIM uses at this size (pytorch-msssim needs short side > (win - 1) * 16),
+    or None when even a 3-px window does not fit and plain SSIM is used."""
     short = min(height, width)
-    for scales in range(len(MSSSIM_WEIGHTS), 0, -1):
-        if short > (_MSSSIM_WIN - 1) * 2 ** (scales - 1):
-            return scales
-    return 1
+    for win in range(_MSSSIM_WIN, 2, -2):
+        if short > (win - 1) * 16:
+            return win
+    return None
 
 
 def clip_box(box: Sequence[int], height: int, width: int) -> Box | None:
