@@ -34,6 +34,8 @@ from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.agent")
 
+_FINAL_STATUSES = (mridc_pb2.FrameAck.STORED, mridc_pb2.FrameAck.DUPLICATE, mridc_pb2.FrameAck.REJECTED)
+
 
 class Encoder(Protocol):
     """What the agent needs from an encoder (``mridc.edge.encoder.EdgeEncoder`` has it)."""
@@ -64,7 +66,8 @@ class Forwarder:
         left = self.queue.ack(ack.sequence, ack.status)
         with self._lock:
             self._inflight.pop(ack.sequence, None)
-            if ack.status == mridc_pb2.FrameAck.RETRY_LATER:
+            if ack.status not in _FINAL_STATUSES:
+                # RETRY_LATER, or a status this version does not know: keep it, resend later.
                 self.stats["retry_later"] += 1
                 self._held[ack.sequence] = time.monotonic() + self.retry_later_s
             else:
