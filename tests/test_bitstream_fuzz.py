@@ -15,7 +15,7 @@ SEEDS = seed_streams(np.random.default_rng(7))
 
 
 def test_random_and_mutated_streams():
-    report = run_fuzz(cases=6000, seed=1, max_case_s=2.0)
+    report = run_fuzz(cases=30000, seed=1, max_case_s=2.0)
     print(f"fuzz: {report.cases} cases, {report.decoded} decoded, {report.rejected} rejected, "
           f"slowest {report.slowest_s * 1e3:.1f} ms")
     assert report.failures == []
