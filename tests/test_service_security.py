@@ -144,3 +144,19 @@ def test_grpc_tokens_name_exactly_one_device(tmp_path):
     assert authority.device_for("guess") is None and authority.device_for(None) is None
     assert bearer_token([("authorization", f"Bearer {tokens['cam-a']}")]) == tokens["cam-a"]
     assert bearer_token([("x-other", "1")]) is None
+
+
+def test_provision_cli_writes_broker_and_grpc_files(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "mridc.cloud.service.security", "--out", str(tmp_path), "--device",
+                    "cam-01", "--device", "cam-02"], check=True, capture_output=True)
+    secrets = json.loads((tmp_path / "secrets.json").read_text())
+    assert set(secrets["mqtt_passwords"]) == {"mridc-cloud", "cam-01", "cam-02"}
+    assert TokenAuthority.from_file(tmp_path / "grpc_tokens.json").device_for(
+        secrets["grpc_tokens"]["cam-02"]) == "cam-02"
+    users = [line.split(":")[0] for line in (tmp_path / "passwords").read_text().splitlines()]
+    assert sorted(users) == ["cam-01", "cam-02", "mridc-cloud"]
+    assert "pattern write mridc/v1/%u/frames" in (tmp_path / "acl").read_text()

@@ -110,3 +110,40 @@ def bearer_token(metadata) -> str | None:
         if key.lower() == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value[len("Bearer "):].strip()
     return None
+
+
+def provision(out_dir: str | Path, devices: list[str], service_users=("mridc-cloud",)) -> dict:
+    """Create credentials for a fleet: mosquitto `passwords` + `acl`, gRPC `grpc_tokens.json` (digests), and
+    `secrets.json` (the plain passwords and tokens, to hand to each device once; keep it out of the cloud)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        if not DEVICE_ID_RE.match(device):
+            raise ValueError(f"bad device id {device!r}")
+    passwords = {user: new_token() for user in [*service_users, *devices]}
+    tokens = {device: new_token() for device in devices}
+    write_password_file(out_dir / "passwords", passwords)
+    write_acl_file(out_dir / "acl", service_users)
+    write_token_file(out_dir / "grpc_tokens.json", tokens)
+    secrets_path = out_dir / "secrets.json"
+    secrets_path.write_text(json.dumps({"mqtt_passwords": passwords, "grpc_tokens": tokens}, indent=2) + "\n")
+    secrets_path.chmod(0o600)
+    return {"mqtt_passwords": passwords, "grpc_tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mridc.cloud.service.security",
+                                     description="Generate broker and gRPC credentials for a fleet.")
+    parser.add_argument("--out", required=True, help="folder for passwords, acl, grpc_tokens.json, secrets.json")
+    parser.add_argument("--device", action="append", default=[], help="device id (repeat)")
+    parser.add_argument("--service-user", action="append", default=None, help="cloud MQTT user (default mridc-cloud)")
+    args = parser.parse_args(argv)
+    provision(args.out, args.device, tuple(args.service_user or ("mridc-cloud",)))
+    print(f"wrote {args.out}/passwords, acl, grpc_tokens.json and secrets.json ({len(args.device)} devices)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
