@@ -1,0 +1,243 @@
+"""Failure scenarios with the real broker, a real gRPC server and the link emulator.
+
+Each one asserts that every frame the edge accepted reaches the cloud exactly once by
+(device, sequence) after dedupe, intact and decodable, and that nothing else arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from mridc.edge.agent import EdgeAgent
+from mridc.edge.capture import open_source
+from mridc.edge.queue import FrameQueue
+from mridc.edge.transport import Backoff, open_transport
+from mridc.firmware_sim.fleet import SyntheticEncoder
+from mridc.shared.bitstream import decompress
+from test_transport_mqtt import wait_until
+
+pytestmark = [pytest.mark.net, pytest.mark.timeout(120)]
+
+DEVICE = "cam-01"
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(folder / f"frame{i:02d}.png"), rng.integers(0, 255, (128, 192, 3), dtype=np.uint8))
+    return folder
+
+
+class RunningAgent:
+    """An EdgeAgent on a thread: ``frames`` from a looped image folder at ``fps``, then drain."""
+
+    def __init__(self, tmp_path, image_dir, url, *, frames=40, fps=20.0, token=None):
+        self.queue = FrameQueue(tmp_path / "queue.db", DEVICE)
+        transport = open_transport(url, DEVICE, token=token, backoff=Backoff(0.2, 1.0))
+        self.agent = EdgeAgent(device_id=DEVICE, encoder=SyntheticEncoder(), transport=transport, queue=self.queue,
+                               source=open_source(str(image_dir), fps=fps, loop=True, max_frames=frames),
+                               ack_timeout_s=4.0, window=4, heartbeat_s=1.0)
+        self.stop = threading.Event()
+        self.status: dict = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.status = self.agent.run(self.stop, drain_timeout_s=40)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+        self.queue.close()
+
+    def finish(self, timeout=60):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "agent did not finish"
+        return self.status
+
+
+def assert_exactly_once(cloud, accepted: list[int]) -> None:
+    assert accepted, "nothing was accepted"
+    assert len(set(accepted)) == len(accepted)
+    delivered = {key for key in cloud.deliveries}
+    assert {seq for dev, seq in delivered} <= set(accepted), "a frame arrived that the edge never accepted"
+    assert cloud.sequences(DEVICE) == sorted(accepted), (
+        f"missing {sorted(set(accepted) - set(cloud.sequences(DEVICE)))}")
+    prior = SyntheticEncoder().prior
+    for (device, seq), bitstream in cloud.frames.items():
+        frame = decompress(bitstream, prior)
+        assert (frame.width, frame.height) == (192, 128), (device, seq)
+    assert not cloud.bad
+
+
+def test_broker_restart_mid_stream(tmp_path, image_dir, mosquitto, mqtt_cloud_factory):
+    cloud = mqtt_cloud_factory(mosquitto.port)
+    with RunningAgent(tmp_path, image_dir, mosquitto.url, frames=40) as run:
+        assert wait_until(lambda: len(cloud.frames) >= 8, 20)
+        mosquitto.restart(down_for=1.5)  # persistence on: sessions and queued messages survive
+        status = run.finish()
+    assert status["queue"]["depth"] == 0, status
+    assert status["transport"]["connects"] >= 2
+    assert_exactly_once(cloud, run.agent.accepted_sequences)
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
+def test_link_outage_mid_stream(tmp_path, image_dir, protocol, mosquitto, mqtt_cloud_factory, grpc_cloud_factory,
+                                link_factory):
+    if protocol == "mqtt":
+        cloud, upstream = mqtt_cloud_factory(mosquitto.port), mosquitto.port
+    else:
+        cloud = grpc_cloud_factory(token="tok")
+        upstream = cloud.port
+    link = link_factory(upstream, up_bps=256_000, down_bps=256_000, latency_ms=50, jitter_ms=20)
+    with RunningAgent(tmp_path, image_dir, f"{protocol}://127.0.0.1:{link.port}", frames=40, token="tok") as run:
+        assert wait_until(lambda: len(cloud.frames) >= 8, 20)
+        link.outage(3.0, mode="drop")
+        assert wait_until(lambda: not link.is_down, 10)
+        status = run.finish()
+    assert status["queue"]["depth"] == 0, status
+    assert status["agent"]["captured"] == 40  # capture never stopped during the outage
+    assert_exactly_once(cloud, run.agent.accepted_sequences)
+
+
+def test_stalled_link_mid_stream(tmp_path, image_dir, mosquitto, mqtt_cloud_factory, link_factory):
+    """A stall (no RST, just silence) is detected by the keepalive / ack timeout and recovered from."""
+    cloud = mqtt_cloud_factory(mosquitto.port)
+    link = link_factory(mosquitto.port, latency_ms=20)
+    with RunningAgent(tmp_path, image_dir, f"mqtt://127.0.0.1:{link.port}", frames=30) as run:
+        assert wait_until(lambda: len(cloud.frames) >= 5, 20)
+        link.outage(3.0, mode="stall")
+        status = run.finish()
+    assert status["queue"]["depth"] == 0, status
+    assert_exactly_once(cloud, run.agent.accepted_sequences)
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
+def test_cloud_down_for_a_while(tmp_path, image_dir, protocol, mosquitto, mqtt_cloud_factory, grpc_cloud_factory,
+                                free_port):
+    if protocol == "mqtt":
+        cloud = mqtt_cloud_factory(mosquitto.port)
+        url = mosquitto.url
+    else:
+        cloud = grpc_cloud_factory(free_port)
+        url = f"grpc://127.0.0.1:{free_port}"
+    with RunningAgent(tmp_path, image_dir, url, frames=40) as run:
+        assert wait_until(lambda: len(cloud.frames) >= 8, 20)
+        cloud.stop()  # MQTT: the broker queues frames in the cloud's persistent session
+        time.sleep(3.0)
+        assert len(run.queue) > 0  # nothing is acked while the cloud is away, so the queue holds it
+        cloud.start()
+        status = run.finish()
+    assert status["queue"]["depth"] == 0, status
+    assert_exactly_once(cloud, run.agent.accepted_sequences)
+
+
+_EDGE_PROCESS = textwrap.dedent(
+    """
+    import argparse, sys
+    from mridc.edge.agent import add_run_arguments, run_from_args
+    from mridc.firmware_sim.fleet import SyntheticEncoder
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    sys.exit(run_from_args(parser.parse_args(), encoder=SyntheticEncoder()))
+    """
+)
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
+def test_edge_process_killed_and_restarted(tmp_path, image_dir, protocol, mosquitto, mqtt_cloud_factory,
+                                           grpc_cloud_factory):
+    """``mridc-edge run`` (the real CLI path, with a TOML config) killed with SIGKILL mid-stream, then
+    restarted: frames queued before the kill go out after the restart, sequences continue."""
+    if protocol == "mqtt":
+        cloud, url = mqtt_cloud_factory(mosquitto.port), mosquitto.url
+    else:
+        cloud = grpc_cloud_factory(token="secret-token")
+        url = f"grpc://127.0.0.1:{cloud.port}"
+    (tmp_path / "token").write_text("secret-token\n")
+    queue_path = tmp_path / "state" / "queue.db"
+    config = tmp_path / "device.toml"
+    config.write_text(textwrap.dedent(f"""
+        [device]
+        id = "{DEVICE}"
+        [source]
+        uri = "{image_dir}"
+        fps = 15.0
+        loop = true
+        [encoder]
+        bpp = 0.05
+        [transport]
+        url = "{url}"
+        token_file = "{tmp_path / 'token'}"
+        ack_timeout_s = 4.0
+        backoff_initial_s = 0.2
+        backoff_max_s = 1.0
+        [queue]
+        path = "{queue_path}"
+        [status]
+        heartbeat_s = 1.0
+    """))
+    command = [sys.executable, "-c", _EDGE_PROCESS, "--config", str(config)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    def queued() -> int:
+        with FrameQueue(queue_path, DEVICE) as queue:
+            return len(queue)
+
+    try:
+        assert wait_until(lambda: len(cloud.frames) >= 6, 30), first.stderr.read1().decode() if first.poll() else ""
+        cloud.stop()  # acks stop, so the edge has frames on disk that no one acknowledged yet
+        assert wait_until(lambda: queued() >= 5, 20)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    with FrameQueue(queue_path, DEVICE) as queue:
+        accepted_before = queue.next_sequence - 1
+        left_behind = len(queue)
+    assert left_behind >= 5
+    cloud.start()
+    second = subprocess.run(command + ["--max-frames", "10", "--drain-timeout", "30"], check=False, capture_output=True,
+                            text=True, env=env, timeout=90)
+    assert second.returncode == 0, second.stderr[-3000:]
+    with FrameQueue(queue_path, DEVICE) as queue:
+        assert len(queue) == 0
+        accepted = list(range(1, queue.next_sequence))
+    assert len(accepted) == accepted_before + 10
+    assert_exactly_once(cloud, accepted)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
+def test_link_outage_of_30_seconds(tmp_path, image_dir, protocol, mosquitto, mqtt_cloud_factory, grpc_cloud_factory,
+                                   link_factory):
+    """The issue's 30 s outage on a 64 kbit/s, 300 ms link, at 1 frame/s."""
+    if protocol == "mqtt":
+        cloud, upstream = mqtt_cloud_factory(mosquitto.port), mosquitto.port
+    else:
+        cloud = grpc_cloud_factory()
+        upstream = cloud.port
+    link = link_factory(upstream, up_bps=64_000, down_bps=64_000, latency_ms=300, jitter_ms=50)
+    with RunningAgent(tmp_path, image_dir, f"{protocol}://127.0.0.1:{link.port}", frames=60, fps=1.0) as run:
+        assert wait_until(lambda: len(cloud.frames) >= 5, 30)
+        link.outage(30.0, mode="drop")
+        status = run.finish(timeout=200)
+    assert status["queue"]["depth"] == 0, status
+    assert_exactly_once(cloud, run.agent.accepted_sequences)
