@@ -22,6 +22,7 @@ Lanczos on decode. Bytes are counted honestly:
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class _Candidate:
     payload: bytes
     decoded: np.ndarray | None = None
     score: float | None = None
+    coded_size: list[int] | None = None
 
 
 @dataclass
@@ -145,6 +147,7 @@ class ClassicalCodec:
         scorer = psnr if self.select == "psnr" else ms_ssim
         for cand in found:
             small = self.decode_file(cand.file)
+            cand.coded_size = [small.shape[1], small.shape[0]]
             cand.decoded = small if cand.factor == 1.0 else upscale(small, width, height)
             cand.score = scorer(image, cand.decoded)
         best = max(found, key=lambda c: c.score)
@@ -154,7 +157,7 @@ class ClassicalCodec:
             "bits": bits, "bytes": len(best.payload), "bpp": bits / (width * height),
             "budget_bits": int(budget_bits), "target_bpp": budget_bits / (width * height),
             "quality": best.quality, "downscale": best.factor,
-            "coded_size": list(Image.open(io.BytesIO(best.file)).size),
+            "coded_size": best.coded_size,
             "original_size": [width, height], "select": self.select,
             "tried": [{"downscale": c.factor, "quality": c.quality, "bytes": len(c.payload), self.select: c.score}
                       for c in found],
@@ -199,7 +202,79 @@ def jxl(effort: int = 7, **kw) -> ClassicalCodec:
                           label=f"JPEG XL (libjxl via pillow-jxl-plugin, effort {effort})", **kw)
 
 
-CLASSICAL = {"jpeg": jpeg, "webp": webp, "avif": avif, "jxl": jxl}
+class AvifObuCodec(ClassicalCodec):
+    """AVIF with the HEIF container stripped: the payload is the AV1 bitstream (the ``mdat`` contents) plus
+    the coded size (4 bytes). The receiver rebuilds the container from a template made with the same
+    encoder settings, so the ~275 bytes of ``ftyp``/``meta`` boxes (0.011 bpp at 512x384) are not sent.
+    This is what a careful user would ship at these rates; ``avif`` keeps the plain file for reference.
+    """
+
+    def encode_file(self, image: np.ndarray, quality: int) -> bytes:
+        data = super().encode_file(image, quality)
+        boxes = _top_level_boxes(data)
+        if [name for name, _, _ in boxes][-1:] != [b"mdat"]:
+            raise ValueError("unexpected AVIF layout: mdat is not the last box")
+        _, start, end = boxes[-1]
+        return SIZE_TRAILER.pack(image.shape[1], image.shape[0]) + data[start:end]
+
+    def decode_file(self, data: bytes) -> np.ndarray:
+        width, height = SIZE_TRAILER.unpack(data[: SIZE_TRAILER.size])
+        return ClassicalCodec.decode_file(_avif_rewrap(data[SIZE_TRAILER.size:], width, height,
+                                                       self.save_kwargs(0)))
+
+
+def _top_level_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(type, payload start, payload end) of each top-level ISO-BMFF box."""
+    out, pos = [], 0
+    while pos + 8 <= len(data):
+        size, name = struct.unpack(">I4s", data[pos:pos + 8])
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", data[pos + 8:pos + 16])[0], 16
+        elif size == 0:
+            size = len(data) - pos
+        out.append((name, pos + header, pos + size))
+        pos += size
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _avif_template(width: int, height: int, settings: tuple) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(buf, format="AVIF", **dict(settings))
+    return buf.getvalue()
+
+
+def _avif_rewrap(av1: bytes, width: int, height: int, save_kwargs: dict) -> bytes:
+    """A complete AVIF file around an AV1 still-image bitstream (one item, one extent, as libavif writes)."""
+    settings = tuple(sorted((k, v) for k, v in save_kwargs.items() if k != "quality"))
+    template = _avif_template(width, height, settings)
+    boxes = _top_level_boxes(template)
+    meta = next((start, end) for name, start, end in boxes if name == b"meta")
+    mdat_start = boxes[-1][1]
+    head = bytearray(template[: mdat_start - 8])
+    iloc = head.find(b"iloc", meta[0], meta[1])
+    version = head[iloc + 4]
+    offset_size, length_size = head[iloc + 8] >> 4, head[iloc + 8] & 15
+    base_offset_size = head[iloc + 9] >> 4
+    pos = iloc + 10
+    item_count = struct.unpack(">H", head[pos:pos + 2])[0]
+    pos += 2 + 2 + (2 if version in (1, 2) else 0) + 2 + base_offset_size  # item id, method, data ref, base
+    extent_count = struct.unpack(">H", head[pos:pos + 2])[0]
+    if version > 1 or item_count != 1 or extent_count != 1 or length_size != 4:
+        raise ValueError("unexpected AVIF template layout")
+    pos += 2 + offset_size
+    head[pos:pos + 4] = struct.pack(">I", len(av1))
+    return bytes(head) + struct.pack(">I4s", len(av1) + 8, b"mdat") + av1
+
+
+def avif_obu(speed: int = 6, **kw) -> AvifObuCodec:
+    return AvifObuCodec("avif-obu", "AVIF", (0, 100),
+                        lambda q: {"quality": q, "speed": speed, "subsampling": "4:2:0", "max_threads": 1},
+                        label=f"AVIF, AV1 bitstream only (container rebuilt by the receiver), speed {speed}", **kw)
+
+
+CLASSICAL = {"jpeg": jpeg, "webp": webp, "avif": avif, "avif-obu": avif_obu, "jxl": jxl}
 
 
 def availability(name: str) -> str | None:
@@ -212,7 +287,7 @@ def availability(name: str) -> str | None:
         except ImportError:
             return "JPEG XL skipped: pillow-jxl-plugin is not installed (pip install pillow-jxl-plugin)"
         return None
-    feature = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}.get(name)
+    feature = {"jpeg": "jpg", "webp": "webp", "avif": "avif", "avif-obu": "avif"}.get(name)
     if feature is None:
         return f"unknown classical codec {name!r}; known: {', '.join(CLASSICAL)}"
     if not features.check(feature):

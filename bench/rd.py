@@ -23,7 +23,7 @@ import numpy as np
 
 HELP = "rate-distortion-perception curves: MRIDC vs JPEG/WebP/AVIF/JPEG XL under bit budgets"
 DEFAULT_BPP = "0.01,0.015,0.02,0.03,0.05"
-DEFAULT_CODECS = "mridc,jpeg,webp,avif,jxl"
+DEFAULT_CODECS = "mridc,jpeg,webp,avif,avif-obu,jxl"
 ALL_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi")
 SUMMARY_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi_psnr")
 

@@ -80,3 +80,13 @@ def test_jxl_skips_cleanly_when_missing(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     reason = codecs.availability("jxl")
     assert reason and "skipped" in reason
+
+
+def test_avif_obu_drops_the_container_and_decodes_identically():
+    if codecs.availability("avif"):
+        pytest.skip("no AVIF in this Pillow")
+    image = _image()
+    plain, bare = codecs.make_codec("avif"), codecs.make_codec("avif-obu")
+    file_bytes, obu_bytes = plain.encode_file(image, 40), bare.encode_file(image, 40)
+    assert len(file_bytes) - len(obu_bytes) > 200  # the HEIF boxes are not sent
+    np.testing.assert_array_equal(plain.decode_file(file_bytes), bare.decode_file(obu_bytes))
