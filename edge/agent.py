@@ -369,7 +369,8 @@ def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None
 
 
 def run_from_args(args: argparse.Namespace, encoder: Encoder | None = None) -> int:
-    """``mridc-edge run``: 0 when the source ended (or SIGTERM/SIGINT), 2 on a config error."""
+    """``mridc-edge run``: 0 when the source ended (or SIGTERM/SIGINT), 1 when capture failed, 2 on a
+    config error. ``encoder`` defaults to ``EdgeEncoder`` built from the config."""
     from mridc.edge.capture import CaptureError
     from mridc.edge.config import ConfigError
     from mridc.edge.queue import QueueError
@@ -398,11 +399,16 @@ def run_from_args(args: argparse.Namespace, encoder: Encoder | None = None) -> i
         signal.signal(signal.SIGINT, _on_signal)
     log.info("%s: %s -> %s, bpp %.4f, queue %s (%s)", config.device.id, config.source.uri, config.transport.url,
              config.encoder.bpp, config.queue_path(), config.queue.policy)
-    status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
-                       drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
+    try:
+        status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
+                           drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
+    except CaptureError as exc:
+        log.error("%s: %s", config.device.id, exc)
+        return 1
+    finally:
+        agent.queue.close()
     log.info("%s: done: %s", config.device.id, {k: status[k] for k in ("agent", "forwarder")} | {
         "queue_depth": status["queue"]["depth"]})
-    agent.queue.close()
     return 0
 
 
