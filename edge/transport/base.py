@@ -145,5 +145,5 @@ def open_transport(
         )
     from mridc.edge.transport.grpc import GrpcTransport
 
-    return GrpcTransport(f"{parts.hostname}:{parts.port or 443 if secure else parts.port or 50051}",
-                         device_id, token=token, tls=tls, **options)
+    port = parts.port or (443 if secure else 50051)
+    return GrpcTransport(f"{parts.hostname}:{port}", device_id, token=token, tls=tls, **options)

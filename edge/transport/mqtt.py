@@ -75,6 +75,7 @@ class MqttTransport(Transport):
         self.backoff = backoff or Backoff(0.5, 30.0)
         self.client_id = client_id or f"mridc-edge-{device_id}"
         self._stop = threading.Event()
+        self._closing = False
         self._thread: threading.Thread | None = None
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -125,7 +126,7 @@ class MqttTransport(Transport):
         self._subscribed.clear()
         if was:
             self.stats["disconnects"] += 1
-            log.warning("%s: disconnected from %s:%d: %s", self.device_id, self.host, self.port, reason_code)
+            (log.info if self._closing else log.warning)("%s: disconnected from %s:%d: %s", self.device_id, self.host, self.port, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
         try:
@@ -153,7 +154,7 @@ class MqttTransport(Transport):
                          exc, delay)
                 self._stop.wait(delay)
                 continue
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._client.socket() is not None:
                 if self._client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
                     break
             self._connected.clear()
@@ -185,6 +186,7 @@ class MqttTransport(Transport):
             self._client.publish(status_topic(self.device_id), payload, qos=1, retain=True)
 
     def close(self, timeout: float = 3.0) -> None:
+        self._closing = True
         if self._connected.is_set():
             # A clean disconnect does not fire the will, so say "offline" ourselves.
             info = self._client.publish(
