@@ -126,7 +126,7 @@ class Fleet:
         self.clients = []
         ready = threading.Semaphore(0)
         for i in range(self.devices):
-            device = f"bench-{i:04d}"
+            device = f"dev-{i:04d}"
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
 
             def on_connect(c, u, f, rc, p, device=device):
@@ -138,9 +138,10 @@ class Fleet:
             client.connect("127.0.0.1", self.port, keepalive=60)
             client.loop_start()
             self.clients.append((device, client))
-        for _ in range(self.devices):
-            if not ready.acquire(timeout=30):
-                raise RuntimeError("simulated devices did not all subscribe")
+        deadline = time.monotonic() + 30 + self.devices * 0.2
+        for subscribed in range(self.devices):
+            if not ready.acquire(timeout=max(0.1, deadline - time.monotonic())):
+                raise RuntimeError(f"only {subscribed}/{self.devices} simulated devices subscribed")
 
     def _on_ack(self, client, userdata, message) -> None:
         ack = mridc_pb2.FrameAck()

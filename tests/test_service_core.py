@@ -235,3 +235,30 @@ def test_png_helper_roundtrip():
 
     image = expected_image("cam-z", 1)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), image)
+
+
+def test_service_with_the_real_decoder_at_realism_0(tmp_path):
+    """The shipped MRIDCDecoder behind the service; skipped until the decoder and its models are in the tree."""
+    pipeline = pytest.importorskip("mridc.cloud.pipeline")
+    encoder_module = pytest.importorskip("mridc.edge.encoder")
+    try:
+        decoder = pipeline.MRIDCDecoder.from_pretrained()
+        encoder = encoder_module.EdgeEncoder()
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"models not shipped yet: {exc}")
+    yy, xx = np.mgrid[0:128, 0:192]
+    image = np.stack([xx * 255 // 191, yy * 255 // 127, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    stream = encoder.encode(image, bpp=0.05).bitstream
+    model_id = decoder.validate(stream).model_id
+    service = make_service(tmp_path, decoder, realism=0.0)
+    try:
+        envelope = make_envelope("cam-real", 1, bitstream=stream, model_id=model_id)
+        assert submit_and_wait(service, envelope, timeout=120).status == Ack.STORED
+        assert submit_and_wait(service, envelope).status == Ack.DUPLICATE
+        corrupt = stream[:-1] + bytes([stream[-1] ^ 1])
+        bad = submit_and_wait(service, make_envelope("cam-real", 2, bitstream=corrupt, model_id=model_id))
+        assert bad.status == Ack.REJECTED and bad.reason.startswith("bad_bitstream")
+        stored = np.asarray(Image.open(tmp_path / "frames" / "cam-real" / "cam-real_000000000001.png"))
+        assert stored.shape == image.shape
+    finally:
+        service.stop()

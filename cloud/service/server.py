@@ -114,14 +114,17 @@ def run_worker(config: ServiceConfig, decoder: FrameDecoder | None = None) -> in
     return 0
 
 
-def worker_command(config: ServiceConfig, index: int) -> list[str]:
+CONFIG_ENV = "MRIDC_SERVICE_CONFIG_JSON"  # the environment, not argv: argv is world-readable in /proc
+
+
+def worker_command(config: ServiceConfig, index: int) -> tuple[list[str], str]:
     data = config_to_dict(config)
     data["workers"] = 1
     data["worker_id"] = f"{config.worker_id}-{index}"
     if config.metrics_addr:
         host, _, port = config.metrics_addr.rpartition(":")
         data["metrics_addr"] = f"{host}:{int(port) + index if int(port) else 0}"
-    return [sys.executable, "-m", "mridc.cloud.service.server", "--config-json", json.dumps(data)]
+    return [sys.executable, "-m", "mridc.cloud.service.server"], json.dumps(data)
 
 
 def run_supervisor(config: ServiceConfig, *, max_backoff_s: float = 30.0) -> int:
@@ -152,7 +155,8 @@ def run_supervisor(config: ServiceConfig, *, max_backoff_s: float = 30.0) -> int
                 next_start[i] = now + min(max_backoff_s, 0.2 * 2 ** restarts[i])
                 restarts[i] += 1
             if now >= next_start[i]:
-                procs[i] = subprocess.Popen(worker_command(config, i))
+                command, config_json = worker_command(config, i)
+                procs[i] = subprocess.Popen(command, env={**os.environ, CONFIG_ENV: config_json})
                 started_at[i] = now
                 log.info("worker started", extra={"fields": {"worker": i, "pid": procs[i].pid}})
         stop.wait(0.2)
@@ -173,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mridc.cloud.service.server")
     parser.add_argument("--config", help="TOML config file")
-    parser.add_argument("--config-json", help="the whole config as JSON (what the supervisor passes)")
     args = parser.parse_args(argv)
-    overrides = json.loads(args.config_json) if args.config_json else {}
+    # The supervisor hands each worker its whole config as JSON in the environment.
+    overrides = json.loads(os.environ.pop(CONFIG_ENV, "{}"))
     config = load_config(args.config, **overrides)
     return run_supervisor(config) if config.workers > 1 else run_worker(config)
 

@@ -139,6 +139,8 @@ class DecodeService:
         self.instance = instance or f"{config.worker_id}:{time.time_ns()}"
         self.limits = Limits(config.max_payload_bytes, config.max_bitstream_bytes, config.max_meta_bytes)
         self.known_model_ids = getattr(decoder, "model_ids", None)
+        if self.known_model_ids is None and isinstance(getattr(decoder, "model_id", None), int):
+            self.known_model_ids = frozenset({decoder.model_id})
         self.rate_limiter = DeviceRateLimiter(config.rate_limit_fps, config.rate_limit_burst)
         self.queue = DecodeQueue(config.queue_size)
         self.decoder_lock = threading.Lock()  # the batch loop and the Decode RPC share one decoder
