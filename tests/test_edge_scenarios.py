@@ -351,3 +351,30 @@ def test_deploy_doc_config_matches_the_code():
     for section in dataclasses.fields(DeviceConfig):
         for fld in dataclasses.fields(getattr(config, section.name)):
             assert re.search(rf"^\| `[^|]*\b{fld.name}\b[^|]*` \|", doc, re.MULTILINE), f"{section.name}.{fld.name} undocumented"
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
+def test_edge_agent_against_the_real_cloud_service(tmp_path, image_dir, protocol, mosquitto):
+    """The same agent against cloud/service (in-process worker, test decoder): frames stored, queue empty."""
+    server = pytest.importorskip("mridc.cloud.service.server")
+    from mridc.cloud.service.config import ServiceConfig
+    from mridc.cloud.service.testing import TEST_MODEL_ID, TokenPaintDecoder
+
+    config = ServiceConfig(out_dir=tmp_path / "cloud", mqtt_url=mosquitto.url if protocol == "mqtt" else None,
+                           grpc_addr="127.0.0.1:0" if protocol == "grpc" else None, allow_insecure=True,
+                           worker_id="edge-e2e", rate_limit_fps=0)
+    worker = server.Worker(config, decoder=TokenPaintDecoder())
+    ready = worker.start()
+    try:
+        url = mosquitto.url if protocol == "mqtt" else f"grpc://127.0.0.1:{ready['grpc_port']}"
+        queue = FrameQueue(tmp_path / "queue.db", DEVICE)
+        agent = EdgeAgent(device_id=DEVICE, encoder=SyntheticEncoder(model_id=TEST_MODEL_ID),
+                          transport=open_transport(url, DEVICE, backoff=Backoff(0.2, 1.0)), queue=queue,
+                          source=open_source(str(image_dir), fps=20, loop=True, max_frames=10), ack_timeout_s=10)
+        status = agent.run(drain_timeout_s=30)
+        assert status["queue"]["depth"] == 0, status
+        assert status["queue"]["acked_stored"] + status["queue"]["acked_duplicate"] == 10, status["queue"]
+        queue.close()
+    finally:
+        worker.stop(drain_timeout=5)
+    assert len(list((tmp_path / "cloud").rglob("*.png"))) == 10
