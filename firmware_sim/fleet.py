@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from mridc.edge.agent import EdgeAgent
 from mridc.edge.capture import open_source
 from mridc.edge.queue import FrameQueue
@@ -140,7 +139,7 @@ class Fleet:
         agent = self.agents[device_id]
         try:
             self.results[device_id] = agent.run(self._stop, drain_timeout_s=drain_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - one broken device must not stop the fleet
+        except Exception as exc:
             log.exception("%s: agent failed", device_id)
             self.results[device_id] = {"error": str(exc)}
         finally:

@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Self
 
 log = logging.getLogger("mridc.sim.link")
 
@@ -210,7 +211,7 @@ class LinkEmulator:
         self._loop.call_soon_threadsafe(_run)
         done.wait(5)
 
-    def __enter__(self) -> LinkEmulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -378,3 +378,21 @@ def test_edge_agent_against_the_real_cloud_service(tmp_path, image_dir, protocol
     finally:
         worker.stop(drain_timeout=5)
     assert len(list((tmp_path / "cloud").rglob("*.png"))) == 10
+
+
+def test_capture_sources(tmp_path, image_dir):
+    from mridc.edge.capture import CaptureError
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (96, 64))
+    for i in range(12):
+        writer.write(np.full((64, 96, 3), i * 20, dtype=np.uint8))
+    writer.release()
+    frames = list(open_source(str(video), size=(48, 32)))
+    assert len(frames) == 12 and frames[0].image.shape == (32, 48, 3) and frames[0].image.dtype == np.uint8
+    assert len(list(open_source(str(video), fps=5.0, max_frames=100))) == 6  # 10 fps file subsampled to 5
+    looped = list(open_source(str(image_dir), loop=True, max_frames=9))
+    assert [f.name for f in looped[:7]] == [f"frame{i:02d}.png" for i in range(6)] + ["frame00.png"]
+    for bad, message in (("camera:x", "camera:INDEX"), (str(tmp_path / "nope"), "neither")):
+        with pytest.raises(CaptureError, match=message):
+            open_source(bad)
