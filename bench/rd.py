@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-crops-only", action="store_true",
                    help="no crops of images whose licence forbids redistribution (for committed reports)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--replot", action="store_true", help="only remake plots and reports from OUT/rd.json")
 
 
 # ---- the MRIDC adapter -------------------------------------------------------------------------------
@@ -220,10 +221,12 @@ def run(args) -> int:
 
     from . import codecs as classical
     from .datasets import resolve
-    from .plots import rd_plot
 
-    torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
+    if args.replot:
+        write_reports(out)
+        return 0
+    torch.set_num_threads(max(1, args.threads))
     out.mkdir(parents=True, exist_ok=True)
     bpps = [float(b) for b in args.bpp.split(",") if b]
     crop_bpps = {float(b) for b in args.crop_bpp.split(",") if b}
@@ -301,7 +304,18 @@ def run(args) -> int:
               f"{time.perf_counter() - t_image:.1f}s", file=sys.stderr)
         _write_json(out, meta, skipped, image_meta, records, crops)
 
-    summary = _write_json(out, meta, skipped, image_meta, records, crops)
+    _write_json(out, meta, skipped, image_meta, records, crops)
+    write_reports(out)
+    return 0
+
+
+def write_reports(out: Path) -> None:
+    """Plots, report.html and summary.md from ``out/rd.json`` (also after a stopped run: ``--replot``)."""
+    from .plots import rd_plot
+
+    doc = json.loads((out / "rd.json").read_text())
+    meta, skipped, image_meta = doc["meta"], doc["skipped"], doc["images"]
+    summary = summarise(doc["records"], image_meta)
     plots = []
     for set_name in sorted({r["set"] for r in summary}):
         rows = [r for r in summary if r["set"] == set_name]
@@ -313,14 +327,16 @@ def run(args) -> int:
                 vals = [im["niqe_original"] for im in image_meta if (set_name == "all" or im["set"] == set_name)
                         and im.get("niqe_original") is not None]
                 reference = float(np.mean(vals)) if vals else None
-            label = meter.perceptual_name if metric == "perceptual" else None
+            label = meta.get("perceptual") if metric == "perceptual" else None
             path = rd_plot(rows, metric, out / "plots" / f"{set_name}_{metric}.png",
                            title=f"{set_name} ({rows[0]['n']} images)", metric_label=label, reference=reference)
             if path:
                 plots.append({"set": set_name, "metric": metric, "path": path.relative_to(out).as_posix()})
+    crops = [{**c, "path": (out / c["path"]).as_posix()} for c in doc["crops"]]
     (out / "report.html").write_text(render_html(meta, skipped, image_meta, summary, plots, crops, out))
-    print(f"wrote {out / 'rd.json'}, {len(plots)} plots, {out / 'report.html'}", file=sys.stderr)
-    return 0
+    (out / "summary.md").write_text(render_markdown(meta, skipped, summary))
+    print(f"wrote {out / 'rd.json'}, {len(plots)} plots, {out / 'report.html'}, {out / 'summary.md'}",
+          file=sys.stderr)
 
 
 def _write_json(out: Path, meta, skipped, image_meta, records, crops) -> list[dict]:
@@ -364,6 +380,39 @@ def _versions() -> dict:
     except (ImportError, AttributeError):
         pass
     return out
+
+
+# ---- Markdown tables ---------------------------------------------------------------------------------
+def render_markdown(meta, skipped, summary) -> str:
+    """One table per set and metric: rows are target bpp, columns codecs; "(k/n)" marks a mean over the k
+    images (of n) on which the codec fits the budget."""
+    lines = [f"Measured by `{meta['command']}` on {meta['date']} ({meta['machine']}).", "",
+             f"Perceptual distance: {meta['perceptual']}. Bits: {meta['bits']}.", ""]
+    lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
+    names = {"psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "perceptual": "perceptual distance (lower is better)",
+             "niqe": "NIQE (lower is better)", "roi_psnr": "PSNR inside ROIs (dB)"}
+    digits = {"psnr": 2, "ms_ssim": 4, "perceptual": 4, "niqe": 2, "roi_psnr": 2}
+    for set_name in sorted({r["set"] for r in summary}):
+        rows = [r for r in summary if r["set"] == set_name]
+        codecs = sorted({r["codec"] for r in rows})
+        targets = sorted({r["target_bpp"] for r in rows})
+        for metric in SUMMARY_METRICS:
+            if not any(r.get(metric) is not None for r in rows):
+                continue
+            lines += ["", f"### {set_name}: {names[metric]} ({rows[0]['n']} images)", "",
+                      "| target bpp | " + " | ".join(codecs) + " |", "|---" * (len(codecs) + 1) + "|"]
+            for target in targets:
+                cells = []
+                for codec in codecs:
+                    r = next((r for r in rows if r["codec"] == codec and r["target_bpp"] == target), None)
+                    if r is None or r.get(metric) is None:
+                        cells.append("no fit" if r is not None and r["n_fit"] == 0 else "-")
+                        continue
+                    count = r["n_roi"] if metric == "roi_psnr" else r["n_fit"]
+                    total = r["n_fit"] if metric == "roi_psnr" else r["n"]
+                    cells.append(_fmt(r[metric], digits[metric]) + ("" if count == total else f" ({count}/{total})"))
+                lines.append(f"| {target:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- HTML report --------------------------------------------------------------------------------------

@@ -61,3 +61,6 @@ def test_rd_end_to_end_on_tiny_images(tmp_path):
     assert "<img" in report and "crops/" in report
     for crop in doc["crops"]:
         assert (out / crop["path"]).is_file()
+    (out / "summary.md").unlink()
+    assert cli.main(["rd", "--out", str(out), "--replot"]) == 0
+    assert "| target bpp | jpeg | webp |" in (out / "summary.md").read_text()
