@@ -45,8 +45,11 @@ def load_pristine(path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.n
 def _aggd(block: np.ndarray) -> tuple[float, float, float]:
     """Asymmetric generalised Gaussian fit by moment matching: (alpha, beta_left, beta_right)."""
     v = block.ravel()
-    left_std = math.sqrt(np.mean(v[v < 0] ** 2))
-    right_std = math.sqrt(np.mean(v[v > 0] ** 2))
+    negative, positive = v[v < 0], v[v > 0]
+    if negative.size == 0 or positive.size == 0:  # a flat block: no fit; dropped by nanmean below
+        return math.nan, math.nan, math.nan
+    left_std = math.sqrt(np.mean(negative ** 2))
+    right_std = math.sqrt(np.mean(positive ** 2))
     gammahat = left_std / right_std
     rhat = np.mean(np.abs(v)) ** 2 / np.mean(v ** 2)
     rhatnorm = rhat * (gammahat ** 3 + 1) * (gammahat + 1) / (gammahat ** 2 + 1) ** 2
@@ -60,7 +63,7 @@ def _block_features(block: np.ndarray) -> list[float]:
     feats = [alpha, (beta_l + beta_r) / 2]
     for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
         alpha, beta_l, beta_r = _aggd(block * np.roll(block, shift, axis=(0, 1)))
-        mean = (beta_r - beta_l) * gamma(2 / alpha) / gamma(1 / alpha)
+        mean = math.nan if math.isnan(alpha) else (beta_r - beta_l) * gamma(2 / alpha) / gamma(1 / alpha)
         feats += [alpha, mean, beta_l, beta_r]
     return feats
 
