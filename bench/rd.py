@@ -110,7 +110,7 @@ def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
             skipped[name] = reason
             continue
         kw = {"select": args.select}
-        if name == "avif":
+        if name in ("avif", "avif-obu"):
             kw["speed"] = args.avif_speed
         if name == "jxl":
             kw["effort"] = args.jxl_effort
