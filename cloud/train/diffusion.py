@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mridc.cloud.diffusion.pipeline import diffusion_condition
 from mridc.cloud.diffusion.scheduler import DDIMScheduler
 from mridc.cloud.diffusion.unet import ConditionalUNet, UNetConfig, tiny_unet_config
 from mridc.cloud.train.common import Budget, JsonlLog, atomic_save, pick_device, rng_state, seed_everything, set_rng_state
@@ -32,12 +33,6 @@ def corrupt_masked_tokens(tokens: torch.Tensor, keep: torch.Tensor, generator: t
     shifted = tokens[torch.arange(n, device=tokens.device)[:, None, None], ys, xs]
     wrong = (~keep) & (torch.rand(n, h, w, generator=generator).to(tokens.device) < 0.5)
     return torch.where(wrong, shifted, tokens)
-
-
-def diffusion_condition(decoded: torch.Tensor, trust: torch.Tensor) -> torch.Tensor:
-    """(N,3,H,W) decode + (N,h,w) trust in [0,1] -> (N,4,H,W) conditioning."""
-    trust_up = F.interpolate(trust[:, None].float(), size=decoded.shape[-2:], mode="nearest")
-    return torch.cat([decoded, trust_up * 2 - 1], dim=1)
 
 
 def train_diffusion(args: argparse.Namespace) -> Path:

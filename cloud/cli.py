@@ -1,0 +1,168 @@
+"""mridc-cloud: the cloud side of MRIDC Edge.
+
+Commands:
+  decode    reconstruct an image from an .mrd stream (BPCG token completion + diffusion)
+  inspect   print an .mrd stream's header and section sizes (no models needed)
+  serve     run the ingest/decoder service (MQTT shared subscription and/or gRPC)
+  frames    list decoded frames stored by the service
+  train     train the tokenizer, predictor or diffusion model (or all: a session)
+  export    build the edge bundle (ONNX fp32/int8, codebook, token prior) from the tokenizer
+
+Exit status: 0 success, 2 invalid input or arguments, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mridc.shared.cli_util import EXIT_OK, HelpFormatter, InvalidInput, run_command
+
+PROG = "mridc-cloud"
+MAX_STREAM_BYTES = 16 * 1024 * 1024
+
+
+def _read_stream(path: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInput(f"no such file: {path}")
+    size = p.stat().st_size
+    if size > MAX_STREAM_BYTES:
+        raise InvalidInput(f"{path} is {size} bytes; MRD streams are at most {MAX_STREAM_BYTES} bytes")
+    return p.read_bytes()
+
+
+def cmd_inspect(args) -> int:
+    from mridc.shared.bitstream import inspect
+
+    info = inspect(_read_stream(args.stream))
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    for key, value in info.items():
+        if key == "sections":
+            for s in value:
+                print(f"  section {s['name']:<12} offset {s['offset']:>5}  {s['bytes']:>6} bytes")
+        else:
+            print(f"{key:>16}: {value}")
+    return EXIT_OK
+
+
+def cmd_decode(args) -> int:
+    from PIL import Image
+
+    import torch
+
+    from mridc.cloud.pipeline import FILLS, DecodeSettings, MRIDCDecoder
+    from mridc.cloud.zoo import ModelFileError
+
+    if not 0.0 <= args.realism <= 1.0:
+        raise InvalidInput(f"--realism must be within 0..1, got {args.realism}")
+    if args.fill not in FILLS:
+        raise InvalidInput(f"--fill must be one of {FILLS}")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise InvalidInput("--steps must be within 1..1000")
+    data = _read_stream(args.stream)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        decoder = MRIDCDecoder.from_pretrained(args.models, device=args.device)
+    except ModelFileError as exc:
+        raise InvalidInput(str(exc)) from exc
+    t0 = time.perf_counter()
+    frame = decoder.validate(data)
+    settings = DecodeSettings(realism=args.realism, seed=args.seed, fill=args.fill,
+                              steps=args.steps or DecodeSettings.steps)
+    out = decoder.decode_frames([frame], settings)[0]
+    elapsed = time.perf_counter() - t0
+    path = Path(args.output)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(out.image).save(tmp)
+    tmp.replace(path)
+    summary = {"input": args.stream, "output": str(path), "width": frame.width, "height": frame.height,
+               "bytes": len(data), "bpp": len(data) * 8 / (frame.width * frame.height),
+               "kept_tokens": int(frame.keep_mask.sum()), "tokens": int(frame.keep_mask.size),
+               "realism": args.realism, "seed": args.seed, "fill": args.fill, "seconds": round(elapsed, 3),
+               "timings_s": {k: round(v, 3) for k, v in out.timings.items()}}
+    print(json.dumps(summary) if args.json else
+          f"{path}: {frame.width}x{frame.height} from {len(data)} bytes ({summary['bpp']:.4f} bpp), "
+          f"realism {args.realism}, {elapsed:.2f} s")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    module = {"tokenizer": "mridc.cloud.train.tokenizer", "predictor": "mridc.cloud.train.predictor",
+              "diffusion": "mridc.cloud.train.diffusion", "all": "mridc.cloud.train.session"}[args.model]
+    import importlib
+
+    return importlib.import_module(module).main(args.rest) or EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from mridc.cloud.export import main as export_main
+
+    return export_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("decode", help="decode an .mrd stream to a PNG", formatter_class=HelpFormatter,
+                       description="Decode: kept tokens -> BPCG completion of masked tokens -> tokenizer decode -> "
+                                   "diffusion refinement. --realism 0 is the deterministic tokenizer decode (fidelity), "
+                                   "1 full diffusion (realism).\nExample: mridc-cloud decode photo.mrd -o photo.png --realism 0.5")
+    p.add_argument("stream", help="input .mrd file")
+    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("--realism", type=float, default=0.5, help="0 = fidelity (no diffusion) .. 1 = full diffusion")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same pixels")
+    p.add_argument("--steps", type=int, help="diffusion DDIM steps at realism 1 (default 8)")
+    p.add_argument("--fill", default="bpcg", help="masked-token completion: bpcg, maskgit, nearest, mode")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--models", help="models folder (default: $MRIDC_MODELS or the repository's models/)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("inspect", help="print an .mrd stream's header and section sizes", formatter_class=HelpFormatter)
+    p.add_argument("stream")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    from mridc.cloud.service.cli import add_frames_arguments, add_serve_arguments, run_frames, run_serve
+
+    p = sub.add_parser("serve", help="run the ingest/decoder service", formatter_class=HelpFormatter,
+                       description="Ingest frames from devices over MQTT (shared subscription) and/or gRPC, validate, "
+                                   "dedupe, decode, store PNG + JSON sidecars, ack. See docs/deploy-cloud.md.")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+    p = sub.add_parser("frames", help="list stored frames", formatter_class=HelpFormatter)
+    add_frames_arguments(p)
+    p.set_defaults(func=run_frames)
+
+    p = sub.add_parser("train", help="train a model (arguments after the model name go to its trainer; see --help there)",
+                       description="mridc-cloud train {tokenizer,predictor,diffusion,all} [trainer options]\n"
+                                   "e.g. mridc-cloud train tokenizer --out runs/tok --minutes 60\n"
+                                   "     mridc-cloud train all --tokenizer-minutes 90 --bpcg-minutes 60",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["tokenizer", "predictor", "diffusion", "all"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the trainer")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="build models/edge from models/tokenizer.pt (options: see export --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Build the edge bundle (`models/edge/`) from the shipped tokenizer: what a camera needs, and no torch.
+
+- encoder_fp32.onnx: the encoder graph (image in [-1, 1] -> L2-normalised code vectors), any H, W multiple of 16;
+- encoder_int8.onnx: ONNX Runtime static QDQ int8, calibrated on training crops;
+- codebook.npy: the L2-normalised codebook (float32), searched in numpy on the device;
+- token_prior.npz: integer token frequencies counted on training frames (the entropy coder's static prior);
+- manifest.json: model id, stride, codebook size, files and their SHA-256.
+
+The LiteRT int8 file is built by `tools/litert_convert.py` in its own environment (litert-torch is a 1.2 GB
+install that the cloud and edge environments should not carry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mridc.cloud.zoo import load_model, tokenizer_codebook
+from mridc.shared.zoo import default_models_dir, default_shared_data_dir, model_id_from_codebook
+
+INPUT_NAME, OUTPUT_NAME = "image", "codes"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def export_onnx(encoder: torch.nn.Module, path: Path, example_hw=(512, 768)) -> None:
+    encoder = encoder.eval().float()
+    x = torch.zeros(1, 3, *example_hw)
+    # The TorchScript exporter gives plain Conv/Relu nodes with symbolic H, W; ORT quantises them cleanly.
+    torch.onnx.export(
+        encoder, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=17,
+        dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "h", 3: "w"}},
+        dynamo=False,
+    )
+
+
+def calibration_frames(shared: Path, count: int, size=(512, 768), seed: int = 0) -> list[np.ndarray]:
+    """Crops of training images (never eval images), as float32 NCHW in [-1, 1]."""
+    from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
+
+    images = [img for spec in default_train_sources(shared) for img in parse_source(spec)]
+    rng = random.Random(seed)
+    picks = rng.sample(images, min(count, len(images)))
+    out = []
+    for img in picks:
+        sampler = CropSampler([img], min(size), torch.device("cpu"), min_scale=0.5)
+        crop = sampler.sample(1, rng)  # square crop, then resize to the calibration frame size
+        crop = torch.nn.functional.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+        out.append(crop.numpy().astype(np.float32))
+    return out
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(frames)
+
+        def get_next(self):
+            frame = next(self.it, None)
+            return None if frame is None else {INPUT_NAME: frame}
+
+    pre = int8_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    # The final normalisation (ReduceL2/Div) stays float: it decides the nearest codeword.
+    quantize_static(str(pre), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["Conv", "Relu", "Add"],
+                    extra_options={"CalibMovingAverage": True})
+    pre.unlink(missing_ok=True)
+
+
+def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
+    """Token histogram over training frames at camera-like resolution -> integer prior."""
+    from mridc.cloud.train.data import default_train_sources, parse_source
+    from mridc.shared.entropy import TokenPrior
+
+    counts = np.zeros(tokenizer.cfg.codebook_size, np.int64)
+    stride = tokenizer.cfg.stride
+    with torch.no_grad():
+        for spec in default_train_sources(shared):
+            images = parse_source(spec)
+            if len(images) > 60:  # video: every 8th frame is plenty
+                images = images[::8]
+            for img in images:
+                t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+                h, w = t.shape[-2:]
+                f = min(1.0, max_side / max(h, w))
+                nh, nw = max(stride, int(h * f) // stride * stride), max(stride, int(w * f) // stride * stride)
+                t = torch.nn.functional.interpolate(t, size=(nh, nw), mode="area")
+                idx = tokenizer.encode_indices(t)
+                counts += np.bincount(idx.flatten().numpy(), minlength=counts.size)
+    return TokenPrior.from_counts(counts), counts
+
+
+def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_count: int = 32,
+                      log=print) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_model(tokenizer_path, "tokenizer")
+    codebook = tokenizer_codebook(tokenizer)
+    np.save(out_dir / "codebook.npy", codebook)
+    model_id = model_id_from_codebook(codebook)
+    log(f"model id {model_id:08x}; exporting ONNX fp32")
+    export_onnx(tokenizer.encoder, out_dir / "encoder_fp32.onnx")
+    log(f"calibrating int8 on {calib_count} training crops")
+    quantize_int8(out_dir / "encoder_fp32.onnx", out_dir / "encoder_int8.onnx",
+                  calibration_frames(shared, calib_count))
+    log("counting the token prior on training frames")
+    prior, counts = count_token_prior(tokenizer, shared)
+    prior.save(out_dir / "token_prior.npz")
+    p = counts / counts.sum()
+    entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    manifest = {
+        "format": "mridc-edge-bundle/1",
+        "model_id": model_id,
+        "model_id_hex": f"{model_id:08x}",
+        "stride": tokenizer.cfg.stride,
+        "codebook_size": tokenizer.cfg.codebook_size,
+        "code_dim": tokenizer.cfg.code_dim,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "range": [-1.0, 1.0], "pad": "edge-replicate to stride"},
+        "output": {"name": OUTPUT_NAME, "layout": "NCHW", "normalised": True},
+        "token_entropy_bits": round(entropy, 3),
+        "codes_used_in_prior_data": int((counts > 0).sum()),
+        "files": {},
+    }
+    for name in ("encoder_fp32.onnx", "encoder_int8.onnx", "encoder_int8.tflite", "codebook.npy", "token_prior.npz"):
+        f = out_dir / name
+        if f.exists():
+            manifest["files"][name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"edge bundle written to {out_dir}")
+    return manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default=str(default_models_dir() / "tokenizer.pt"))
+    p.add_argument("--out", default=str(default_models_dir() / "edge"))
+    p.add_argument("--shared-data", default=str(default_shared_data_dir()))
+    p.add_argument("--calib", type=int, default=32, help="calibration crops for int8")
+    args = p.parse_args(argv)
+    build_edge_bundle(Path(args.tokenizer), Path(args.out), Path(args.shared_data), args.calib)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

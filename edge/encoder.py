@@ -1,0 +1,281 @@
+"""The camera's encoder: frame -> token grid -> keep mask -> MRD bytes. No torch unless backend="torch".
+
+    encoder = EdgeEncoder()                      # models/edge bundle, ONNX Runtime int8, 1 thread
+    result = encoder.encode(frame_rgb, bpp=0.02) # or keep_ratio=0.5
+    result.bitstream, result.bpp, result.token_frame, result.timings
+
+Backends run only the convolutional encoder; the nearest-codeword search is numpy on every backend, so the
+indices differ between backends only where int8 rounding moves a code vector across a decision boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mridc.edge import mlm
+from mridc.edge.keyregions import detect_key_regions
+from mridc.shared.bitstream import TokenFrame, compress
+from mridc.shared.entropy import TokenPrior
+from mridc.shared.zoo import default_models_dir, model_id_from_codebook
+
+BACKENDS = ("onnx", "onnx-fp32", "litert", "torch")
+MAX_PIXELS = 16384 * 16384
+
+
+class EncoderError(RuntimeError):
+    """The encoder cannot run (missing bundle, backend unavailable); the message says what to do."""
+
+
+@dataclass
+class EncodeResult:
+    bitstream: bytes
+    token_frame: TokenFrame
+    tokens: np.ndarray  # uint16 (gh, gw): every token, kept or not (for diagnostics and parity checks)
+    priority: np.ndarray  # float32 (gh, gw)
+    key_mask: np.ndarray  # bool (gh, gw)
+    bpp: float
+    keep_ratio: float
+    target_bytes: int | None
+    warning: str | None
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "bytes": len(self.bitstream), "bpp": round(self.bpp, 5), "keep_ratio": round(self.keep_ratio, 4),
+            "grid": [int(self.token_frame.grid_h), int(self.token_frame.grid_w)],
+            "kept_tokens": int(self.token_frame.keep_mask.sum()), "key_tokens": int(self.key_mask.sum()),
+            "target_bytes": self.target_bytes, "model_id": f"{self.token_frame.model_id:08x}",
+            "warning": self.warning, "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings.items()},
+        }
+
+
+def load_bundle(models_dir: Path) -> tuple[dict, np.ndarray, TokenPrior]:
+    edge_dir = Path(models_dir) / "edge"
+    manifest_path = edge_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise EncoderError(f"no edge bundle at {edge_dir} (run `make export`, or set MRIDC_MODELS)")
+    manifest = json.loads(manifest_path.read_text())
+    codebook = np.load(edge_dir / "codebook.npy").astype(np.float32)
+    if model_id_from_codebook(codebook) != manifest["model_id"]:
+        raise EncoderError(f"{edge_dir}/codebook.npy does not match manifest.json's model id: rebuild the bundle")
+    prior = TokenPrior.load(edge_dir / "token_prior.npz")
+    return manifest, codebook, prior
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path, threads: int):
+        try:
+            import onnxruntime as ort
+        except Exception as exc:  # noqa: BLE001 - onnxruntime can fail at import on some ARM boards
+            raise EncoderError(f"onnxruntime is not usable here ({exc}); try --backend litert") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: x})[0]
+
+
+class _LiteRTRunner:
+    def __init__(self, path: Path, threads: int):
+        if not path.exists():
+            raise EncoderError(f"{path} is missing (build it with `make export-litert`)")
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            try:
+                from tflite_runtime.interpreter import Interpreter  # abandoned, but still on some images
+            except ImportError as exc:
+                raise EncoderError("LiteRT is not installed: pip install ai-edge-litert") from exc
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.shape = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        interp = self.interpreter
+        inp = interp.get_input_details()[0]
+        nhwc = inp["shape"].size == 4 and inp["shape"][-1] == 3
+        data = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x
+        if self.shape != data.shape:
+            interp.resize_tensor_input(inp["index"], list(data.shape))
+            interp.allocate_tensors()
+            self.shape = data.shape
+            inp = interp.get_input_details()[0]
+        interp.set_tensor(inp["index"], data.astype(np.float32))
+        interp.invoke()
+        out = interp.get_tensor(interp.get_output_details()[0]["index"])
+        return out.transpose(0, 3, 1, 2) if out.shape[-1] != x.shape[1] and out.ndim == 4 and nhwc else out
+
+
+class _TorchRunner:
+    def __init__(self, models_dir: Path, threads: int):
+        try:
+            import torch
+
+            from mridc.cloud.zoo import load_model
+        except ImportError as exc:
+            raise EncoderError("the torch backend needs the cloud extra: pip install 'mridc[cloud]'") from exc
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.encoder = load_model(Path(models_dir) / "tokenizer.pt", "tokenizer").encoder
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.encoder(self.torch.from_numpy(x)).numpy()
+
+
+def nearest_codewords(codes: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes (D, h, w), codebook (K, D), both L2-normalised -> (indices uint16 (h, w), 1 - cosine (h, w))."""
+    d, h, w = codes.shape
+    flat = codes.reshape(d, h * w)
+    norms = np.linalg.norm(flat, axis=0, keepdims=True)
+    flat = flat / np.maximum(norms, 1e-12)  # int8 outputs are only approximately unit length
+    sims = codebook @ flat  # (K, h*w)
+    idx = sims.argmax(axis=0)
+    best = sims[idx, np.arange(h * w)]
+    return idx.astype(np.uint16).reshape(h, w), (1.0 - best).astype(np.float32).reshape(h, w)
+
+
+class EdgeEncoder:
+    def __init__(self, models_dir: str | Path | None = None, backend: str = "onnx", threads: int = 1,
+                 masking: mlm.MaskingConfig | None = None, use_faces: bool = False, key_sources: Sequence[str] = ()):
+        if backend not in BACKENDS:
+            raise EncoderError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.models_dir = Path(models_dir) if models_dir else default_models_dir()
+        self.manifest, self.codebook, self.prior = load_bundle(self.models_dir)
+        self.model_id = int(self.manifest["model_id"])
+        self.stride = int(self.manifest["stride"])
+        self.codebook_bits = int(np.log2(self.manifest["codebook_size"]))
+        self.token_bits_table = -np.log2(np.asarray(self.prior.freqs, np.float64) / 2**self.prior.precision_bits)
+        self.backend = backend
+        self.masking = masking or mlm.MaskingConfig()
+        self.use_faces = use_faces
+        self.key_sources = tuple(key_sources)
+        threads = int(os.environ.get("MRIDC_THREADS", threads))
+        edge_dir = self.models_dir / "edge"
+        if backend == "onnx":
+            self.runner = _OnnxRunner(edge_dir / "encoder_int8.onnx", threads)
+        elif backend == "onnx-fp32":
+            self.runner = _OnnxRunner(edge_dir / "encoder_fp32.onnx", threads)
+        elif backend == "litert":
+            self.runner = _LiteRTRunner(edge_dir / "encoder_int8.tflite", threads)
+        else:
+            self.runner = _TorchRunner(self.models_dir, threads)
+
+    # -- stages -------------------------------------------------------------------------------------
+    def tokenize(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame -> (padded frame, tokens uint16 (gh, gw), quantisation error (gh, gw))."""
+        image_rgb = validate_frame(image_rgb)
+        grid = mlm.grid_shape_for(image_rgb.shape[0], image_rgb.shape[1], self.stride)
+        padded = mlm.pad_to_grid(image_rgb, grid, self.stride)
+        x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
+        codes = self.runner(np.ascontiguousarray(x))[0]
+        tokens, qerr = nearest_codewords(codes.astype(np.float32), self.codebook)
+        return padded, tokens, qerr
+
+    def pack(self, frame_shape: tuple[int, int], tokens: np.ndarray, keep: np.ndarray, rate_q: int = 0,
+             token_coder: str = "auto") -> bytes:
+        h, w = frame_shape
+        frame = TokenFrame(width=w, height=h, grid_h=tokens.shape[0], grid_w=tokens.shape[1], model_id=self.model_id,
+                           codebook_bits=self.codebook_bits, keep_mask=keep, kept_tokens=tokens[keep].astype(np.uint16),
+                           rate_q=rate_q)
+        return compress(frame, self.prior, token_coder=token_coder)
+
+    # -- the whole encode ---------------------------------------------------------------------------
+    def encode(self, image_rgb: np.ndarray, bpp: float | None = None, keep_ratio: float | None = None,
+               rois: Sequence = (), previous_keep: int | None = None) -> EncodeResult:
+        """Encode one RGB uint8 frame at a byte budget (`bpp`, bits per original pixel) or a keep ratio.
+
+        Exactly one of bpp / keep_ratio; neither means keep every token. Raises ValueError on bad input or a
+        budget below the smallest possible stream."""
+        if bpp is not None and keep_ratio is not None:
+            raise ValueError("give bpp or keep_ratio, not both")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        padded, tokens, qerr = self.tokenize(image_rgb)
+        h, w = image_rgb.shape[:2]
+        t1 = time.perf_counter()
+        timings["encoder"] = t1 - t0
+        grid = tokens.shape
+        keys = detect_key_regions(padded[:h, :w], grid, self.stride, rois=[_roi(r) for r in rois],
+                                  use_faces=self.use_faces, sources=self.key_sources)
+        t2 = time.perf_counter()
+        timings["key_regions"] = t2 - t1
+        priority = mlm.priority_map(padded, grid, self.stride, quant_error=qerr, tokens=tokens,
+                                    key_mask=keys.mask, config=self.masking)
+        t3 = time.perf_counter()
+        timings["map"] = t3 - t2
+        target = None
+        warning = None
+        rate_q = 0
+        if bpp is not None:
+            if not (0 < bpp <= 64):
+                raise ValueError(f"bpp must be in (0, 64], got {bpp}")
+            target = mlm.target_bytes_for_bpp(bpp, w, h)
+            rate_q = min(65535, int(round(bpp * 10000)))
+            keep, stream, info = mlm.fit_to_budget(
+                tokens, priority, keys.mask, target,
+                lambda m: self.pack((h, w), tokens, m, rate_q, token_coder="static"),
+                self.masking, token_bits=self.token_bits_table[tokens], start_keep=previous_keep)
+            warning = info.warning
+            # The adaptive coder may beat the static one on this frame; never larger than what fitted.
+            best = self.pack((h, w), tokens, keep, rate_q, token_coder="auto")
+            stream = best if len(best) <= len(stream) else stream
+        else:
+            ratio = 1.0 if keep_ratio is None else float(keep_ratio)
+            n_keep = mlm.keep_count_for_ratio(ratio, tokens.size)
+            keep, warning = mlm.select_keep_mask(priority, n_keep, keys.mask, self.masking)
+            rate_q = 0
+            stream = self.pack((h, w), tokens, keep, rate_q)
+        t4 = time.perf_counter()
+        timings["select_and_code"] = t4 - t3
+        timings["total"] = t4 - t0
+        frame = TokenFrame(width=w, height=h, grid_h=grid[0], grid_w=grid[1], model_id=self.model_id,
+                           codebook_bits=self.codebook_bits, keep_mask=keep, kept_tokens=tokens[keep].astype(np.uint16),
+                           rate_q=rate_q)
+        return EncodeResult(bitstream=stream, token_frame=frame, tokens=tokens, priority=priority, key_mask=keys.mask,
+                            bpp=len(stream) * 8 / (w * h), keep_ratio=float(keep.mean()), target_bytes=target,
+                            warning=warning, timings=timings)
+
+
+def _roi(r):
+    """Agent configs give (x, y, w, h) tuples; keyregions takes boxes as x0, y0, x1, y1 or dicts."""
+    if isinstance(r, (tuple, list)) and len(r) == 4 and all(isinstance(v, (int, float)) for v in r):
+        x, y, w, h = r
+        return {"box": [x, y, x + w, y + h]}
+    return r
+
+
+def validate_frame(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"frame must be a numpy array, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"frame must be HxWx3 RGB, got shape {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1 or image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise ValueError(f"frame size {image.shape[1]}x{image.shape[0]} is outside 1..16384 per side")
+    if image.dtype != np.uint8:
+        raise ValueError(f"frame must be uint8, got {image.dtype}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 from an image file; ValueError with the reason if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as exc:
+        raise ValueError(f"no such file: {path}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
