@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from mridc.bench import codecs
 from mridc.bench.metrics import psnr
 

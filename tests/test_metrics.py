@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
+
 from mridc.bench import metrics
 from mridc.bench.datasets import data_root
-from PIL import Image, ImageFilter
 
 
 def _texture(h=192, w=256, seed=0):
