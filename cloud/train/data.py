@@ -79,7 +79,7 @@ class CropSampler:
         self.min_scale = min_scale
         self.images = []
         for img in images:
-            t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+            t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)
             h, w = t.shape[1:]
             if min(h, w) < size:  # small images are upscaled so that a crop fits
                 f = size / min(h, w)

@@ -54,6 +54,7 @@ def train_diffusion(args: argparse.Namespace) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     budget = Budget(args.steps, args.minutes)
+    data_states = None
     step = 0
     if (run_dir / "last.pt").exists():
         ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
@@ -63,12 +64,16 @@ def train_diffusion(args: argparse.Namespace) -> Path:
         step = ck["step"]
         budget.elapsed_before = ck["elapsed"]
         set_rng_state(ck["rng"])
+        data_states = ck.get("data_rng")
         print(f"resumed at step {step}")
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
     sampler = CropSampler(images, args.crop, device)
-    rng = random.Random(args.seed + step)
-    gen = torch.Generator().manual_seed(args.seed + step)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    if step and data_states is not None:  # exact resume: the crop and mask streams continue where they were
+        rng.setstate(data_states[0])
+        gen.set_state(data_states[1].cpu())
     amp = device.type == "cuda"
     budget.start()
     bar = tqdm(total=args.steps or None, initial=step, desc="diffusion", dynamic_ncols=True)
@@ -107,7 +112,7 @@ def train_diffusion(args: argparse.Namespace) -> Path:
             atomic_save({"kind": "diffusion", "config": model.cfg.to_dict(), "state_dict": ema,
                          "meta": {"step": step, "ema": args.ema, "tokenizer": str(args.tokenizer)}}, run_dir / "best.pt")
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
-                         "elapsed": budget.elapsed(), "rng": rng_state()}, run_dir / "last.pt")
+                         "elapsed": budget.elapsed(), "rng": rng_state(), "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
     bar.close()
     return run_dir / "best.pt"
 

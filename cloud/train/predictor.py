@@ -48,6 +48,7 @@ def train_predictor(args: argparse.Namespace) -> Path:
         print(f"initialised weights from {args.init}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.96), weight_decay=0.01)
     budget = Budget(args.steps, args.minutes)
+    data_states = None
     step, best = 0, -1.0
     if (run_dir / "last.pt").exists():
         ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
@@ -56,13 +57,17 @@ def train_predictor(args: argparse.Namespace) -> Path:
         step, best = ck["step"], ck["best"]
         budget.elapsed_before = ck["elapsed"]
         set_rng_state(ck["rng"])
+        data_states = ck.get("data_rng")
         print(f"resumed at step {step}")
 
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
     sampler = CropSampler(images, args.crop, device)
-    rng = random.Random(args.seed + step)
-    gen = torch.Generator().manual_seed(args.seed + step)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    if step and data_states is not None:  # exact resume: the crop and mask streams continue where they were
+        rng.setstate(data_states[0])
+        gen.set_state(data_states[1].cpu())
     val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)] + images[:3], args.crop,
                            device, min_scale=0.5).sample(16, random.Random(7))
     val_tokens = tokenizer.encode_indices(val_imgs)
@@ -103,7 +108,7 @@ def train_predictor(args: argparse.Namespace) -> Path:
             log.write(step=step, eval=metrics, best=is_best)
             tqdm.write(f"[eval step {step}] top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f}")
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                         "elapsed": budget.elapsed(), "rng": rng_state()}, run_dir / "last.pt")
+                         "elapsed": budget.elapsed(), "rng": rng_state(), "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
     bar.close()
     return run_dir / "best.pt"
 

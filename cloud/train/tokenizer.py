@@ -55,14 +55,15 @@ class TokenizerTrainConfig:
     model: dict = field(default_factory=dict)
 
 
-def build_val_set(shared: Path, device: torch.device, crop: int) -> torch.Tensor:
-    frames = []
-    for spec in default_val_sources(shared):
-        for img in parse_source(spec):
-            frames.append(img)
+def build_val_set(shared: Path, device: torch.device, crop: int, val_sources: list[str] | None = None) -> torch.Tensor:
+    """Fixed crops for checkpoint selection: held-out camera frames + photo crops (or `val_sources`)."""
+    rng = random.Random(1234)
+    if val_sources:
+        frames = [img for spec in val_sources for img in parse_source(spec)]
+        return CropSampler(frames, crop, device, min_scale=0.5).sample(8, rng)
+    frames = [img for spec in default_val_sources(shared) for img in parse_source(spec)]
     sampler = CropSampler(frames, crop, device, min_scale=0.5)
     photos = CropSampler(parse_source(str(shared / "photos/train")), crop, device, min_scale=0.3)
-    rng = random.Random(1234)
     return torch.cat([sampler.sample(6, rng), photos.sample(6, rng)])
 
 
@@ -106,6 +107,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
     budget = Budget(tcfg.steps, tcfg.minutes)
     step, best_score, gan_start_step = 0, -1e9, None
+    data_rng_state = None
 
     resume = run_dir / "last.pt"
     if resume.exists():
@@ -117,6 +119,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         step, best_score, gan_start_step = ck["step"], ck["best_score"], ck.get("gan_start_step")
         budget.elapsed_before = ck.get("elapsed", 0.0)
         set_rng_state(ck["rng"])
+        data_rng_state = ck.get("data_rng")
         print(f"resumed from {resume} at step {step}")
     elif args.init:
         blob = torch.load(args.init, map_location=device, weights_only=False)
@@ -134,8 +137,10 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     sources = args.data or default_train_sources(shared)
     images = [img for spec in sources for img in parse_source(spec)]
     sampler = CropSampler(images, tcfg.crop, device)
-    val = build_val_set(shared, device, tcfg.crop)
-    rng = random.Random(tcfg.seed + step)
+    val = build_val_set(shared, device, tcfg.crop, args.val)
+    rng = random.Random(tcfg.seed)
+    if data_rng_state is not None:
+        rng.setstate(data_rng_state)
     amp = tcfg.amp and device.type == "cuda"
     print(f"tokenizer: {sum(p.numel() for p in model.encoder.parameters())/1e6:.2f}M encoder params, "
           f"{sum(p.numel() for p in model.decoder.parameters())/1e6:.2f}M decoder params, "
@@ -214,7 +219,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
                        f"used {metrics['codes_used']:.2f}{' *best*' if is_best else ''}")
             atomic_save({"model": model.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
                          "opt_d": opt_d.state_dict(), "step": step, "best_score": best_score,
-                         "gan_start_step": gan_start_step, "elapsed": budget.elapsed(), "rng": rng_state()},
+                         "gan_start_step": gan_start_step, "elapsed": budget.elapsed(), "rng": rng_state(),
+                         "data_rng": rng.getstate()},
                         run_dir / "last.pt")
             atomic_save({"kind": "discriminator", "state_dict": disc.state_dict()}, run_dir / "disc.pt")
     bar.close()
@@ -224,6 +230,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="*", help="image folders/files or VIDEO:FIRST-LAST[:EVERY] (default: ../shared/data training split)")
     p.add_argument("--shared-data", help="reference data folder (default ../shared/data or $MRIDC_DATA)")
+    p.add_argument("--val", nargs="*", help="validation images for checkpoint selection (default: held-out vtest frames)")
     p.add_argument("--out", required=True, help="run folder: checkpoints (last.pt resumes exactly), best.pt, log.jsonl")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default 20000)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-time budget; stops at whichever comes first")

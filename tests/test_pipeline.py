@@ -1,0 +1,136 @@
+"""Round trips through the shipped models: edge encode -> MRD bytes -> cloud decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder, nearest_kept_fill
+from mridc.cloud.tokenizer import VQTokenizer, tiny_tokenizer_config
+from mridc.edge.encoder import EdgeEncoder, nearest_codewords
+from mridc.shared.bitstream import BitstreamError, decompress
+from mridc.shared.zoo import default_shared_data_dir
+
+EVAL = default_shared_data_dir() / "photos" / "eval"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return EdgeEncoder()
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    torch.set_num_threads(2)
+    return MRIDCDecoder.from_pretrained()
+
+
+def _photo(h=128, w=176) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(EVAL / "coffee.png") as im:
+        return np.asarray(im.convert("RGB").resize((w, h)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (128, 176), (61, 200)])
+def test_any_size_round_trips_to_the_input_size(encoder, decoder, shape):
+    img = _photo(*shape) if min(shape) > 1 else np.full((*shape, 3), 128, np.uint8)
+    result = encoder.encode(img, keep_ratio=0.6)
+    out = decoder.decode(result.bitstream, realism=0.0)
+    assert out.shape == img.shape and out.dtype == np.uint8
+
+
+def test_kept_tokens_reach_the_cloud_unaltered(encoder, decoder):
+    img = _photo()
+    result = encoder.encode(img, bpp=0.03)
+    frame = decoder.validate(result.bitstream)
+    assert np.array_equal(frame.keep_mask, result.token_frame.keep_mask)
+    assert np.array_equal(frame.kept_tokens, result.tokens[result.token_frame.keep_mask])
+    for fill in ("bpcg", "maskgit", "nearest", "mode"):
+        out = decoder.decode_frames([frame], DecodeSettings(realism=0.0, fill=fill))[0]
+        assert np.array_equal(out.completed_tokens[frame.keep_mask], frame.kept_tokens), fill
+
+
+def test_full_tokens_decode_close_to_the_input(encoder, decoder):
+    img = _photo()
+    out = decoder.decode(encoder.encode(img).bitstream, realism=0.0)
+    psnr = 10 * np.log10(255**2 / np.mean((out.astype(float) - img) ** 2))
+    assert psnr > 16  # a real reconstruction, not noise (the shipped tokenizer gives ~20 dB here)
+
+
+def test_same_seed_same_pixels_and_batch_equals_single(encoder, decoder):
+    a = encoder.encode(_photo(), bpp=0.03).bitstream
+    b = encoder.encode(_photo(96, 128), keep_ratio=0.5).bitstream
+    one = decoder.decode(a, realism=0.5, seed=3, steps=2)
+    assert np.array_equal(one, decoder.decode(a, realism=0.5, seed=3, steps=2))
+    batch = decoder.decode_batch([a, b, a], realism=0.5, seed=3, steps=2)
+    assert np.abs(batch[0].astype(int) - one).max() <= 1
+    assert np.array_equal(batch[0], batch[2])
+    assert batch[1].shape == (96, 128, 3)
+    other = decoder.decode(a, realism=0.5, seed=4, steps=2)
+    assert not np.array_equal(one, other)
+
+
+def test_realism_zero_is_deterministic_tokenizer_decode(encoder, decoder):
+    stream = encoder.encode(_photo(), keep_ratio=1.0).bitstream
+    assert np.array_equal(decoder.decode(stream, realism=0.0, seed=1), decoder.decode(stream, realism=0.0, seed=2))
+
+
+def test_stream_from_another_model_is_refused(encoder):
+    torch.manual_seed(0)
+    other = MRIDCDecoder(VQTokenizer(tiny_tokenizer_config()), prior=encoder.prior)
+    stream = encoder.encode(_photo(), keep_ratio=0.5).bitstream
+    with pytest.raises(BitstreamError, match="model"):
+        other.validate(stream)
+
+
+def test_rate_control_meets_budget_and_is_deterministic(encoder):
+    img = _photo(256, 384)
+    for bpp in (0.015, 0.02, 0.03):
+        r = encoder.encode(img, bpp=bpp)
+        assert len(r.bitstream) <= r.target_bytes
+        assert r.bpp <= bpp
+        assert r.bitstream == encoder.encode(img, bpp=bpp).bitstream
+        assert decompress(r.bitstream, encoder.prior).model_id == encoder.model_id
+
+
+def test_budget_below_header_is_a_clear_error(encoder):
+    with pytest.raises(ValueError, match="below the smallest"):
+        encoder.encode(_photo(), bpp=0.0005)
+
+
+def test_key_regions_are_kept_first(encoder):
+    img = _photo(256, 384)
+    r = encoder.encode(img, bpp=0.015, rois=[{"box": [0, 0, 96, 64]}])
+    assert r.key_mask[:4, :6].all()
+    assert r.token_frame.keep_mask[:4, :6].all()
+
+
+def test_bad_frames_are_rejected_with_clear_errors(encoder):
+    with pytest.raises(ValueError, match="uint8"):
+        encoder.encode(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="RGB"):
+        encoder.encode(np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(ValueError, match="size"):
+        encoder.encode(np.zeros((0, 8, 3), np.uint8))
+
+
+def test_nearest_codeword_search_matches_brute_force():
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(32, 8)).astype(np.float32)
+    codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
+    codes = rng.normal(size=(8, 3, 5)).astype(np.float32)
+    idx, err = nearest_codewords(codes, codebook)
+    flat = codes.reshape(8, -1).T
+    flat = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    assert np.array_equal(idx.ravel(), np.argmax(flat @ codebook.T, axis=1))
+    assert (err >= -1e-6).all() and (err <= 2).all()
+
+
+def test_nearest_kept_fill_copies_neighbours():
+    tokens = np.arange(9).reshape(3, 3)
+    keep = np.zeros((3, 3), bool)
+    keep[0, 0] = keep[2, 2] = True
+    filled = nearest_kept_fill(tokens, keep)
+    assert filled[0, 1] == 0 and filled[2, 1] == 8 and filled[0, 0] == 0 and filled[2, 2] == 8

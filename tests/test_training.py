@@ -1,0 +1,63 @@
+"""Training code on tiny models: it runs, logs, keeps the best checkpoint and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mridc.cloud.train import tokenizer as train_tok
+from mridc.cloud.zoo import load_model, save_model, tokenizer_model_id
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_imgs")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        base = rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((192, 128), Image.BILINEAR)
+        img.save(d / f"img{i}.png")
+    return d
+
+
+def _args(out, data, steps, extra=()):
+    p = train_tok.argparse.ArgumentParser()
+    train_tok.add_arguments(p)
+    return p.parse_args(["--out", str(out), "--data", str(data), "--val", str(data), "--steps", str(steps),
+                         "--tiny", "--batch", "2", "--crop", "64", "--eval-every", "2", "--gan-start", "0.25",
+                         "--device", "cpu", *extra])
+
+
+def test_tokenizer_training_resumes_exactly(tmp_path, data_dir):
+    torch.set_num_threads(1)
+    train_tok.train_tokenizer(_args(tmp_path / "straight", data_dir, 6))
+    train_tok.train_tokenizer(_args(tmp_path / "resumed", data_dir, 4))
+    train_tok.train_tokenizer(_args(tmp_path / "resumed", data_dir, 6))  # continues from last.pt at step 4
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval" in r]
+    assert evals and all(np.isfinite(r["eval"]["psnr"]) for r in evals)
+    best = torch.load(tmp_path / "straight" / "best.pt", weights_only=False)
+    assert best["meta"]["val"]["score"] == max(r["eval"]["score"] for r in evals)
+
+
+def test_shipped_file_round_trip_keeps_the_model_id(tmp_path, data_dir):
+    from mridc.cloud.tokenizer import VQTokenizer, tiny_tokenizer_config
+
+    model = VQTokenizer(tiny_tokenizer_config())
+    save_model(tmp_path / "tok.pt", "tokenizer", model)
+    loaded = load_model(tmp_path / "tok.pt", "tokenizer")
+    assert tokenizer_model_id(loaded) == tokenizer_model_id(model)  # the codebook is shipped in fp32
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    agree = (loaded.encode_indices(x) == model.eval().encode_indices(x)).float().mean()
+    assert agree >= 0.75  # fp16 encoder weights may move a few near-ties, not the grid
+    with pytest.raises(Exception, match="expected 'predictor'"):
+        load_model(tmp_path / "tok.pt", "predictor")
