@@ -31,10 +31,11 @@ class Subcommand:
 # name -> module path; the module defines HELP, add_arguments(parser), run(args) -> int.
 BUILTIN_MODULES: dict[str, str] = {
     "rd": "mridc.bench.rd",
-    "edge": "mridc.bench.edge",
-    "link": "mridc.bench.link",
+    "edge": "mridc.bench.edge_bench",
+    "link": "mridc.bench.link_bench",
     "ablation": "mridc.bench.ablation",
     "service": "mridc.bench.service",
+    "all": "mridc.bench.all",
 }
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
