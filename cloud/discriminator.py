@@ -39,6 +39,11 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
-    """Gradient penalty on real data (Mescheder et al. 2018): keeps the discriminator smooth."""
-    (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    """Gradient penalty on real data (Mescheder et al. 2018): keeps the discriminator smooth.
+
+    The penalty is on each image's mean patch logit: summing the patch logits instead would scale it by the
+    square of the patch count (~900x900 at 256 px) and flatten the discriminator to a constant.
+    """
+    per_image = real_logits.flatten(1).mean(1).sum()
+    (grad,) = torch.autograd.grad(per_image, real_images, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()

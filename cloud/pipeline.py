@@ -59,6 +59,20 @@ def nearest_kept_fill(tokens: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return tokens[iy, ix]
 
 
+def is_scaled(frame: TokenFrame, stride: int) -> bool:
+    """A grid smaller than the frame needs means the camera encoded a downscaled frame (docs/bitstream.md)."""
+    return frame.grid_h < -(-frame.height // stride) or frame.grid_w < -(-frame.width // stride)
+
+
+def to_frame_size(pixels: np.ndarray, frame: TokenFrame, stride: int) -> np.ndarray:
+    """Decoded grid-sized pixels -> the camera frame's size: crop the padding, or upsample a scaled frame."""
+    if not is_scaled(frame, stride):
+        return np.ascontiguousarray(pixels[: frame.height, : frame.width])
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(pixels).resize((frame.width, frame.height), Image.LANCZOS))
+
+
 class MRIDCDecoder:
     def __init__(self, tokenizer, predictor=None, diffusion=None, prior: TokenPrior | None = None,
                  device: str | torch.device = "cpu"):
@@ -155,7 +169,7 @@ class MRIDCDecoder:
             for j, i in enumerate(members):
                 f = frames[i]
                 outputs[i] = DecodeOutput(
-                    image=np.ascontiguousarray(pixels[j, : f.height, : f.width]), frame=f,
+                    image=to_frame_size(pixels[j], f, self.stride), frame=f,
                     completed_tokens=tokens[j].cpu().numpy(),
                     timings={"tokens": (t1 - t0) / len(members), "render": (t2 - t1) / len(members)})
         return outputs  # type: ignore[return-value]

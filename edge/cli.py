@@ -30,6 +30,8 @@ def _add_encode(sub) -> None:
     rate.add_argument("--bpp", type=float, help="byte budget in bits per pixel of the input; the stream (header, "
                                                 "mask, tokens) is at most this and as close as token granularity allows")
     rate.add_argument("--keep-ratio", type=float, help="keep this fraction of tokens instead of a budget (0..1)")
+    p.add_argument("--scale", default="auto", help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' "
+                                                "(with --bpp: lower resolution rather than masking most tokens)")
     p.add_argument("--backend", default="onnx", choices=["onnx", "onnx-fp32", "litert", "torch"],
                    help="encoder runtime: onnx = ONNX Runtime int8")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the encoder")
@@ -49,6 +51,16 @@ def _parse_roi(text: str) -> dict:
     return {"box": [x0, y0, x1, y1]}
 
 
+def _parse_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise InvalidInput(f"--scale {text!r}: expected a number within 0.05..1 or 'auto'") from exc
+    if not 0.05 <= value <= 1.0:
+        raise InvalidInput(f"--scale must be within 0.05..1 or 'auto', got {text}")
+    return value
+
+
 def cmd_encode(args) -> int:
     from mridc.edge.encoder import EdgeEncoder, EncoderError, read_image
 
@@ -61,7 +73,9 @@ def cmd_encode(args) -> int:
         encoder = EdgeEncoder(args.models, backend=args.backend, threads=args.threads, use_faces=args.faces)
     except EncoderError as exc:
         raise InvalidInput(str(exc)) from exc
-    result = encoder.encode(image, bpp=args.bpp, keep_ratio=args.keep_ratio, rois=[_parse_roi(r) for r in args.roi])
+    scale = args.scale if args.scale == "auto" else _parse_scale(args.scale)
+    result = encoder.encode(image, bpp=args.bpp, keep_ratio=args.keep_ratio, rois=[_parse_roi(r) for r in args.roi],
+                            scale=scale)
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(result.bitstream)

@@ -159,6 +159,7 @@ class EdgeEncoder:
         self.masking = masking or mlm.MaskingConfig()
         self.use_faces = use_faces
         self.key_sources = tuple(key_sources)
+        self.auto_min_keep = 0.95  # measured: at 0.02-0.03 bpp a near-full grid at lower resolution wins
         threads = int(os.environ.get("MRIDC_THREADS", threads))
         edge_dir = self.models_dir / "edge"
         if backend == "onnx":
@@ -171,11 +172,21 @@ class EdgeEncoder:
             self.runner = _TorchRunner(self.models_dir, threads)
 
     # -- stages -------------------------------------------------------------------------------------
-    def tokenize(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frame -> (padded frame, tokens uint16 (gh, gw), quantisation error (gh, gw))."""
+    def tokenize(self, image_rgb: np.ndarray, grid: tuple[int, int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame -> (encoder input frame, tokens uint16 (gh, gw), quantisation error (gh, gw)).
+
+        With no `grid` the frame is padded to a multiple of the stride (full resolution). With a smaller
+        `grid` it is resized to exactly grid x stride pixels (scaled mode: fewer tokens, the cloud upsamples)."""
         image_rgb = validate_frame(image_rgb)
-        grid = mlm.grid_shape_for(image_rgb.shape[0], image_rgb.shape[1], self.stride)
-        padded = mlm.pad_to_grid(image_rgb, grid, self.stride)
+        full = mlm.grid_shape_for(image_rgb.shape[0], image_rgb.shape[1], self.stride)
+        if grid is None or tuple(grid) == tuple(full):
+            grid = full
+            padded = mlm.pad_to_grid(image_rgb, grid, self.stride)
+        else:
+            import cv2
+
+            padded = cv2.resize(image_rgb, (grid[1] * self.stride, grid[0] * self.stride), interpolation=cv2.INTER_AREA)
         x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
         codes = self.runner(np.ascontiguousarray(x))[0]
         tokens, qerr = nearest_codewords(codes.astype(np.float32), self.codebook)
@@ -190,22 +201,57 @@ class EdgeEncoder:
         return compress(frame, self.prior, token_coder=token_coder)
 
     # -- the whole encode ---------------------------------------------------------------------------
+    def scaled_grid(self, height: int, width: int, bpp: float | None, scale: float | str | None
+                    ) -> tuple[int, int] | None:
+        """The token grid for a resolution scale: None = full resolution.
+
+        "auto" picks the largest scale (steps of 0.1 down to 0.3) at which the byte budget can still keep at
+        least `auto_min_keep` of the tokens, estimated from the prior's mean code length: with a weak
+        predictor, dropping resolution costs less than dropping most tokens (docs/results/rd)."""
+        if scale is None or scale == 1 or scale == 1.0:
+            return None
+        if scale == "auto":
+            if bpp is None:
+                return None
+            budget_bits = mlm.target_bytes_for_bpp(bpp, width, height) * 8 - 8 * 24
+            bits_per_token = float(self.manifest.get("token_entropy_bits", 9.0)) + 0.3
+            for s in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
+                gh, gw = max(1, round(height * s / self.stride)), max(1, round(width * s / self.stride))
+                if gh * gw * self.auto_min_keep * bits_per_token <= budget_bits:
+                    break
+            if s == 1.0:
+                return None
+            return gh, gw
+        s = float(scale)
+        if not 0.05 <= s <= 1.0:
+            raise ValueError(f"scale must be within 0.05..1 or 'auto', got {scale}")
+        return max(1, round(height * s / self.stride)), max(1, round(width * s / self.stride))
+
     def encode(self, image_rgb: np.ndarray, bpp: float | None = None, keep_ratio: float | None = None,
-               rois: Sequence = (), previous_keep: int | None = None) -> EncodeResult:
+               rois: Sequence = (), previous_keep: int | None = None, scale: float | str | None = None
+               ) -> EncodeResult:
         """Encode one RGB uint8 frame at a byte budget (`bpp`, bits per original pixel) or a keep ratio.
 
-        Exactly one of bpp / keep_ratio; neither means keep every token. Raises ValueError on bad input or a
-        budget below the smallest possible stream."""
+        Exactly one of bpp / keep_ratio; neither means keep every token. `scale` (a factor, or "auto" with a
+        bpp) encodes a downscaled frame that the cloud upsamples. Raises ValueError on bad input or a budget
+        below the smallest possible stream."""
         if bpp is not None and keep_ratio is not None:
             raise ValueError("give bpp or keep_ratio, not both")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        padded, tokens, qerr = self.tokenize(image_rgb)
+        image_rgb = validate_frame(image_rgb)
         h, w = image_rgb.shape[:2]
+        grid_request = self.scaled_grid(h, w, bpp, scale)
+        padded, tokens, qerr = self.tokenize(image_rgb, grid_request)
         t1 = time.perf_counter()
         timings["encoder"] = t1 - t0
         grid = tokens.shape
-        keys = detect_key_regions(padded[:h, :w], grid, self.stride, rois=[_roi(r) for r in rois],
+        if grid_request is None:
+            key_image, key_rois = padded[:h, :w], [_roi(r) for r in rois]
+        else:  # ROIs are given in the original frame's pixels
+            fy, fx = padded.shape[0] / h, padded.shape[1] / w
+            key_image, key_rois = padded, [_scale_roi(_roi(r), fx, fy) for r in rois]
+        keys = detect_key_regions(key_image, grid, self.stride, rois=key_rois,
                                   use_faces=self.use_faces, sources=self.key_sources)
         t2 = time.perf_counter()
         timings["key_regions"] = t2 - t1
@@ -244,6 +290,17 @@ class EdgeEncoder:
         return EncodeResult(bitstream=stream, token_frame=frame, tokens=tokens, priority=priority, key_mask=keys.mask,
                             bpp=len(stream) * 8 / (w * h), keep_ratio=float(keep.mean()), target_bytes=target,
                             warning=warning, timings=timings)
+
+
+def _scale_roi(roi, fx: float, fy: float):
+    from mridc.edge.keyregions import Box, Polygon, parse_roi
+
+    parsed = parse_roi(roi)
+    if isinstance(parsed, Box):
+        return {"box": [parsed.x0 * fx, parsed.y0 * fy, parsed.x1 * fx, parsed.y1 * fy]}
+    if isinstance(parsed, Polygon):
+        return {"polygon": [[x * fx, y * fy] for x, y in parsed.points]}
+    return roi
 
 
 def _roi(r):

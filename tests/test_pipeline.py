@@ -134,3 +134,18 @@ def test_nearest_kept_fill_copies_neighbours():
     keep[0, 0] = keep[2, 2] = True
     filled = nearest_kept_fill(tokens, keep)
     assert filled[0, 1] == 0 and filled[2, 1] == 8 and filled[0, 0] == 0 and filled[2, 2] == 8
+
+
+def test_scaled_mode_meets_budget_and_decodes_to_the_frame_size(encoder, decoder):
+    img = _photo(256, 384)
+    for scale in (0.5, "auto"):
+        r = encoder.encode(img, bpp=0.02, scale=scale)
+        assert len(r.bitstream) <= r.target_bytes
+        frame = decoder.validate(r.bitstream)
+        assert (frame.width, frame.height) == (384, 256)
+        out = decoder.decode(r.bitstream, realism=0.0)
+        assert out.shape == img.shape
+    half = encoder.encode(img, keep_ratio=1.0, scale=0.5)
+    assert half.tokens.shape == (8, 12)
+    with pytest.raises(ValueError, match="scale"):
+        encoder.encode(img, keep_ratio=1.0, scale=2.0)

@@ -89,7 +89,8 @@ def evaluate(model: VQTokenizer, val: torch.Tensor) -> dict:
 def train_tokenizer(args: argparse.Namespace) -> Path:
     tcfg = TokenizerTrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, crop=args.crop,
                                 seed=args.seed, tiny=args.tiny, eval_every=args.eval_every,
-                                save_every=args.eval_every, gan_start=args.gan_start)
+                                save_every=args.eval_every, gan_start=args.gan_start, lr=args.lr,
+                                disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp)
     device = pick_device(args.device)
     seed_everything(tcfg.seed)
     run_dir = Path(args.out)
@@ -133,6 +134,16 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         if gan_start_step is None and args.init_gan_on:
             gan_start_step = 0
 
+    if args.freeze_encoder:
+        # Decoder-only fine-tuning: tokens, codebook and model id stay exactly as shipped, so the edge bundle
+        # and the predictor trained on these tokens remain valid.
+        for module in (model.encoder, model.quantizer):
+            for param in module.parameters():
+                param.requires_grad_(False)
+        if not resume.exists():
+            opt_g = torch.optim.Adam(model.decoder.parameters(), lr=tcfg.lr, betas=(0.5, 0.9))
+        tcfg.restart_until = 0.0
+
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     sources = args.data or default_train_sources(shared)
     images = [img for spec in sources for img in parse_source(spec)]
@@ -146,6 +157,14 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
           f"{sum(p.numel() for p in model.decoder.parameters())/1e6:.2f}M decoder params, "
           f"{len(images)} training images, device {device}")
 
+    if step == 0 and args.init:  # the starting weights are a candidate too: GAN must beat them to be kept
+        metrics = evaluate(model, val)
+        best_score = metrics["score"]
+        atomic_save({"kind": "tokenizer", "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                     "meta": {"step": 0, "val": metrics, "train": asdict(tcfg), "gan_active": False,
+                              "init": str(args.init)}}, run_dir / "best.pt")
+        log.write(step=0, eval=metrics, best=True)
+        tqdm.write(f"[eval start] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} score {metrics['score']:.2f}")
     budget.start()
     bar = tqdm(total=tcfg.steps or None, initial=step, desc="tokenizer", dynamic_ncols=True)
     model.train()
@@ -177,7 +196,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
             loss = loss + adv_w * g_adv + tcfg.feature_weight * ramp * fm
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt_g.step()
 
         d_loss = torch.tensor(0.0)
@@ -243,6 +262,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="start from these weights (e.g. models/tokenizer.pt) instead of scratch")
     p.add_argument("--init-disc", help="discriminator weights to continue adversarial training")
     p.add_argument("--init-gan-on", action="store_true", help="with --init: start the GAN phase at once")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only (keeps tokens, codebook and model id; with --init)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--disc-warmup", type=int, default=300, help="steps the discriminator trains alone first")
+    p.add_argument("--gan-ramp", type=int, default=1000, help="steps over which the adversarial weight ramps in")
     p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
 
 
