@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avif-speed", type=int, default=6)
     p.add_argument("--jxl-effort", type=int, default=7)
     p.add_argument("--realism", default="0,0.5,1", help="MRIDC realism settings, comma-separated")
+    p.add_argument("--mridc-scale", default="1,auto",
+                   help="MRIDC resolution scales, comma-separated: 1 (full-resolution grid, masking only), a factor, auto")
     p.add_argument("--models-dir", default=None, help="MRIDC models folder (default: shipped / $MRIDC_MODELS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perceptual-weights", default=None, help="MobileNetV2 weights file for the perceptual distance")
@@ -58,28 +60,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class MRIDCCodec:
     """The ``Codec`` protocol over ``EdgeEncoder`` + ``MRIDCDecoder`` at one realism setting."""
 
-    def __init__(self, encoder, decoder, realism: float, seed: int = 0):
+    def __init__(self, encoder, decoder, realism: float, seed: int = 0, scale: str | float | None = None):
         self.encoder, self.decoder, self.realism, self.seed = encoder, decoder, realism, seed
-        self.name = f"mridc-r{realism:g}"
-        self.label = f"MRIDC (realism {realism:g})"
+        self.scale = None if scale in (None, "1", 1, 1.0) else scale
+        tag = "" if self.scale is None else f"-s{self.scale}"
+        self.name = f"mridc{tag}-r{realism:g}"
+        self.label = f"MRIDC (realism {realism:g}{', scale ' + str(self.scale) if self.scale else ''})"
 
     def encode(self, image: np.ndarray, budget_bits: int) -> tuple[bytes, np.ndarray, dict]:
         height, width = image.shape[:2]
         pixels = height * width
-        result = self.encoder.encode(image, bpp=budget_bits / pixels)
+        result = self.encoder.encode(image, bpp=budget_bits / pixels, scale=self.scale)
         payload = bytes(result.bitstream)
         t0 = time.perf_counter()
         decoded = np.asarray(self.decoder.decode(payload, realism=self.realism, seed=self.seed), dtype=np.uint8)
         bits = len(payload) * 8
         info = {"codec": self.name, "label": self.label, "bits": bits, "bytes": len(payload),
                 "bpp": bits / pixels, "budget_bits": int(budget_bits), "target_bpp": budget_bits / pixels,
-                "over_budget": bits > budget_bits, "realism": self.realism, "seed": self.seed,
+                "over_budget": bits > budget_bits, "realism": self.realism, "seed": self.seed, "scale": self.scale,
                 "encoder_timings": dict(getattr(result, "timings", {}) or {}),
                 "decode_s": time.perf_counter() - t0}
         return payload, decoded, info
 
 
-def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int) -> tuple[list, str | None]:
+def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int,
+                 scales: tuple = (None,)) -> tuple[list, str | None]:
     """The MRIDC codecs, or ([], reason) when the code or the models are not there yet."""
     try:
         from mridc.cloud.pipeline import MRIDCDecoder
@@ -91,7 +96,7 @@ def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int) -> tu
         decoder = MRIDCDecoder.from_pretrained(models_dir=models_dir, device="cpu")
     except Exception as exc:  # noqa: BLE001  (missing or incompatible models: any cause means skip, said aloud)
         return [], f"mridc skipped: models not loadable ({type(exc).__name__}: {exc})"
-    return [MRIDCCodec(encoder, decoder, r, seed) for r in realisms], None
+    return [MRIDCCodec(encoder, decoder, r, seed, scale) for scale in scales for r in realisms], None
 
 
 def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
@@ -100,7 +105,10 @@ def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
     out, skipped = [], {}
     for name in names:
         if name == "mridc":
-            found, reason = mridc_codecs([float(r) for r in args.realism.split(",") if r], args.models_dir, args.seed)
+            scales = tuple(None if v in ("1", "1.0") else (v if v == "auto" else float(v))
+                           for v in getattr(args, "mridc_scale", "1").split(",") if v)
+            found, reason = mridc_codecs([float(r) for r in args.realism.split(",") if r], args.models_dir, args.seed,
+                                         scales)
             out += found
             if reason:
                 skipped["mridc"] = reason

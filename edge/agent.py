@@ -383,7 +383,9 @@ def run_from_args(args: argparse.Namespace, encoder: Encoder | None = None) -> i
         if encoder is None:
             from mridc.edge.encoder import EdgeEncoder
 
-            encoder = EdgeEncoder(models_dir=config.encoder.models_dir or None, backend=config.encoder.backend)
+            # scale "auto": at very small budgets a lower-resolution grid beats masking most tokens (README).
+            encoder = EdgeEncoder(models_dir=config.encoder.models_dir or None, backend=config.encoder.backend,
+                                  scale="auto")
         agent = build_agent(config, encoder, max_frames=getattr(args, "max_frames", None))
     except (ConfigError, CaptureError, QueueError, TransportError, OSError) as exc:
         print(f"mridc-edge run: {exc}", file=sys.stderr)

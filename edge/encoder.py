@@ -146,7 +146,8 @@ def nearest_codewords(codes: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarr
 
 class EdgeEncoder:
     def __init__(self, models_dir: str | Path | None = None, backend: str = "onnx", threads: int = 1,
-                 masking: mlm.MaskingConfig | None = None, use_faces: bool = False, key_sources: Sequence[str] = ()):
+                 masking: mlm.MaskingConfig | None = None, use_faces: bool = False, key_sources: Sequence[str] = (),
+                 scale: float | str | None = None):
         if backend not in BACKENDS:
             raise EncoderError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.models_dir = Path(models_dir) if models_dir else default_models_dir()
@@ -159,6 +160,7 @@ class EdgeEncoder:
         self.masking = masking or mlm.MaskingConfig()
         self.use_faces = use_faces
         self.key_sources = tuple(key_sources)
+        self.default_scale = scale  # used when encode() is not given a scale
         self.auto_min_keep = 0.95  # measured: at 0.02-0.03 bpp a near-full grid at lower resolution wins
         threads = int(os.environ.get("MRIDC_THREADS", threads))
         edge_dir = self.models_dir / "edge"
@@ -228,7 +230,7 @@ class EdgeEncoder:
         return max(1, round(height * s / self.stride)), max(1, round(width * s / self.stride))
 
     def encode(self, image_rgb: np.ndarray, bpp: float | None = None, keep_ratio: float | None = None,
-               rois: Sequence = (), previous_keep: int | None = None, scale: float | str | None = None
+               rois: Sequence = (), previous_keep: int | None = None, scale: float | str | None = "default"
                ) -> EncodeResult:
         """Encode one RGB uint8 frame at a byte budget (`bpp`, bits per original pixel) or a keep ratio.
 
@@ -241,7 +243,7 @@ class EdgeEncoder:
         t0 = time.perf_counter()
         image_rgb = validate_frame(image_rgb)
         h, w = image_rgb.shape[:2]
-        grid_request = self.scaled_grid(h, w, bpp, scale)
+        grid_request = self.scaled_grid(h, w, bpp, self.default_scale if scale == "default" else scale)
         padded, tokens, qerr = self.tokenize(image_rgb, grid_request)
         t1 = time.perf_counter()
         timings["encoder"] = t1 - t0

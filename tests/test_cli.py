@@ -24,7 +24,8 @@ def run(*args, check_rc=None):
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "coffee.mrd"
-    proc = run("mridc.edge.cli", "encode", str(IMAGE), "-o", str(out), "--bpp", "0.02", "--json", check_rc=0)
+    proc = run("mridc.edge.cli", "encode", str(IMAGE), "-o", str(out), "--bpp", "0.02", "--scale", "1", "--json",
+               check_rc=0)
     summary = json.loads(proc.stdout)
     assert summary["bpp"] <= 0.02 and summary["bytes"] == out.stat().st_size
     return out
@@ -46,7 +47,21 @@ def test_encode_inspect_decode(stream, tmp_path):
 
     with Image.open(out) as im:
         assert im.size == (600, 400)
-    assert summary["kept_tokens"] < summary["tokens"]
+    assert summary["kept_tokens"] < summary["tokens"]  # full-resolution grid: MLM masked some tokens
+
+
+def test_default_auto_scale_stays_in_budget_and_decodes_full_size(tmp_path):
+    out = tmp_path / "auto.mrd"
+    summary = json.loads(run("mridc.edge.cli", "encode", str(IMAGE), "-o", str(out), "--bpp", "0.015", "--json",
+                             check_rc=0).stdout)
+    assert summary["bpp"] <= 0.015
+    info = json.loads(run("mridc.cloud.cli", "inspect", str(out), "--json", check_rc=0).stdout)
+    assert info["grid_w"] < 38  # scaled: fewer tokens than the 38 columns of a full-resolution grid
+    run("mridc.cloud.cli", "decode", str(out), "-o", str(tmp_path / "auto.png"), "--realism", "0", check_rc=0)
+    from PIL import Image
+
+    with Image.open(tmp_path / "auto.png") as im:
+        assert im.size == (600, 400)
 
 
 def _damaged(stream: Path, tmp_path: Path) -> dict[str, Path]:
