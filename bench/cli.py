@@ -36,6 +36,8 @@ BUILTIN_MODULES: dict[str, str] = {
     "ablation": "mridc.bench.ablation",
     "service": "mridc.bench.service",
     "all": "mridc.bench.all",
+    "models": "mridc.bench.model_eval",
+    "plot-log": "mridc.bench.plot_log",
 }
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
