@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -31,7 +32,7 @@ STEP_NAMES = ("rd", "edge", "link", "ablation", "service")
 STEP_ARGS = {
     "rd": ["--images", "photos-eval", "--limit", "4", "--bpp", "0.02,0.03,0.05", "--realism", "0,0.5",
            "--codecs", "mridc,jpeg,webp,avif,avif-obu,jxl", "--public-crops-only"],
-    "edge": ["--repeats", "10"],
+    "edge": ["--repeats", "10", "--vtest-stride", "100"],
     "link": [],
     "ablation": ["--limit", "6", "--timing-repeats", "2"],
 }
@@ -99,7 +100,7 @@ def run_subcommand(name: str, out: Path, extra: list[str], models_dir: str | Non
     argv, dropped = _filter_known(argv, known)
     args = parser.parse_args(argv)
     rc = int(sub.run(args) or 0)
-    rec = {"status": "ok" if rc == 0 else "failed", "rc": rc, "argv": f"mridc-bench {name} " + " ".join(argv)}
+    rec = {"status": "ok" if rc == 0 else "failed", "rc": rc, "argv": shlex.join(["mridc-bench", name, *argv])}
     if dropped:
         rec["dropped_options"] = dropped
     return rec
