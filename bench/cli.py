@@ -37,6 +37,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "service": "mridc.bench.service",
     "all": "mridc.bench.all",
     "models": "mridc.bench.model_eval",
+    "compare": "mridc.bench.compare",
     "plot-log": "mridc.bench.plot_log",
 }
 

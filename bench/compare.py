@@ -1,0 +1,84 @@
+"""`mridc-bench compare`: MRIDC against the classical codecs on the same images, from two `rd` runs.
+
+The classical searches are slow, so they are run once (docs/results/baselines) and MRIDC runs are compared
+against them image by image: only images measured by both runs count, and a codec that missed the budget on an
+image is counted as missing there (the table says how many images each mean covers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HELP = "compare MRIDC rd results with classical baselines on the same images (markdown + JSON)"
+METRICS = (("psnr", "PSNR dB", True), ("ms_ssim", "MS-SSIM", True), ("perceptual", "MNv2-LPIPS", False),
+           ("niqe", "NIQE", False))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mridc", default="docs/results/rd/rd.json", help="rd.json with MRIDC codecs")
+    p.add_argument("--baselines", default="docs/results/baselines/rd.json", help="rd.json with classical codecs")
+    p.add_argument("--bpp", default="0.02,0.03")
+    p.add_argument("--out", default="docs/results/rd", help="writes compare.md and compare.json here")
+
+
+def _records(path: str) -> list[dict]:
+    return [r for r in json.loads(Path(path).read_text())["records"] if r.get("status", "ok") == "ok"]
+
+
+def compare(mridc_path: str, baseline_path: str, bpps: list[float]) -> dict:
+    ours, theirs = _records(mridc_path), _records(baseline_path)
+    images = sorted({r["image"] for r in ours} & {r["image"] for r in theirs})
+    table: dict = {}
+    for bpp in bpps:
+        rows = defaultdict(lambda: defaultdict(list))
+        for r in ours + theirs:
+            if r["image"] in images and abs(r["target_bpp"] - bpp) < 1e-9:
+                for key, _, _ in METRICS:
+                    if r.get(key) is not None and np.isfinite(r[key]):
+                        rows[r["codec"]][key].append(r[key])
+                rows[r["codec"]]["bpp"].append(r["bpp"])
+        table[str(bpp)] = {codec: {k: (float(np.mean(v)), len(v)) for k, v in vals.items()}
+                           for codec, vals in sorted(rows.items())}
+    return {"images": images, "table": table}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Images measured by both runs: {len(result['images'])}.", ""]
+    for bpp, codecs in result["table"].items():
+        lines += [f"### {bpp} bpp", "", "| codec | " + " | ".join(h for _, h, _ in METRICS) + " | mean bpp |",
+                  "|---|" + "---|" * (len(METRICS) + 1)]
+        classical = [c for c in codecs if not c.startswith("mridc")]
+        best = {}
+        for key, _, higher in METRICS:
+            vals = [(codecs[c][key][0], c) for c in classical if key in codecs[c]]
+            if vals:
+                best[key] = (max if higher else min)(vals)
+        for codec, vals in codecs.items():
+            cells = []
+            for key, _, _ in METRICS:
+                if key not in vals:
+                    cells.append("-")
+                    continue
+                mean, n = vals[key]
+                mark = " **best classical**" if best.get(key, (None, None))[1] == codec else ""
+                cells.append(f"{mean:.3f}{'' if n == len(result['images']) else f' ({n})'}{mark}")
+            lines.append(f"| {codec} | " + " | ".join(cells) + f" | {vals['bpp'][0]:.4f} |")
+        lines.append("")
+    lines.append("Higher is better for PSNR and MS-SSIM; lower for MNv2-LPIPS (uncalibrated, non-standard) and NIQE.")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    result = compare(args.mridc, args.baselines, [float(b) for b in args.bpp.split(",") if b])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = to_markdown(result)
+    (out / "compare.md").write_text(md)
+    print(md)
+    return 0
