@@ -73,7 +73,7 @@ def test_mridc_adapter_counts_real_bytes_and_flags_overshoot():
     from mridc.bench.rd import MRIDCCodec
 
     class FakeEncoder:
-        def encode(self, image, bpp):
+        def encode(self, image, bpp, scale=None):
             nbytes = int(bpp * image.shape[0] * image.shape[1] / 8) + 3  # overshoots by 3 bytes
             return SimpleNamespace(bitstream=b"\x01" * nbytes, bpp=bpp, timings={"total": 0.0})
 
