@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from mridc.v1 import mridc_pb2
 
 MODES = {

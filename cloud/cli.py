@@ -52,9 +52,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    from PIL import Image
-
     import torch
+    from PIL import Image
 
     from mridc.cloud.pipeline import FILLS, DecodeSettings, MRIDCDecoder
     from mridc.cloud.zoo import ModelFileError

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from mridc.edge.agent import EdgeAgent
 from mridc.edge.capture import open_source
 from mridc.edge.queue import FrameQueue

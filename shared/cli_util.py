@@ -27,7 +27,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the contract is: internal errors exit 1 with a message
+    except Exception as exc:
         logging.getLogger(prog).debug("internal error", exc_info=True)
         print(f"{prog}: internal error: {type(exc).__name__}: {exc} (run with MRIDC_DEBUG=1 for a traceback)",
               file=sys.stderr)

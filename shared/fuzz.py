@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from mridc.shared.bitstream import BitstreamError, TokenFrame, compress, decompress, inspect
 from mridc.shared.entropy import TokenPrior
 

@@ -157,9 +157,10 @@ class MqttAckingCloud(_Receiver):
     def start(self) -> MqttAckingCloud:
         import threading
 
-        from mridc.v1 import mridc_pb2
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
+
+        from mridc.v1 import mridc_pb2
 
         mqtt = self._mqtt
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
@@ -208,6 +209,7 @@ class GrpcAckingCloud(_Receiver):
         from concurrent import futures
 
         import grpc
+
         from mridc.v1 import mridc_pb2_grpc
 
         cloud = self

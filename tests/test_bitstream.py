@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from mridc.shared.bitstream import (
     FORMAT_VERSION,
     BitstreamError,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mridc.shared.bitstream import BitstreamError, decompress
 from mridc.shared.fuzz import _fix_crc, check_stream, main, run_fuzz, seed_streams, zipf_prior
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_transport_mqtt import wait_until
+
 from mridc.edge.agent import EdgeAgent
 from mridc.edge.capture import open_source
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import Backoff, open_transport
 from mridc.firmware_sim.fleet import SyntheticEncoder
 from mridc.shared.bitstream import decompress
-from test_transport_mqtt import wait_until
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(120)]
 

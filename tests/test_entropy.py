@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from mridc.shared.entropy import (
     CorruptStreamError,
     TokenPrior,

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from mridc.edge import keyregions as kr
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

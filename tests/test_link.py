@@ -10,11 +10,12 @@ import threading
 import time
 
 import pytest
+from test_transport_mqtt import fill_queue, forwarding, wait_until
+
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import open_transport
 from mridc.firmware_sim.cli import build_parser, link_options
 from mridc.firmware_sim.link import PROFILES, LinkEmulator
-from test_transport_mqtt import fill_queue, forwarding, wait_until
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(60)]
 

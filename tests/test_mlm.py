@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+
 from mridc.edge import mlm
 from mridc.edge.mlm import MaskingConfig
 

@@ -38,7 +38,7 @@ def test_tokenizer_shapes_follow_the_configured_stride(tiny):
 
 
 def test_dead_codes_are_restarted_from_encoder_outputs(tiny):
-    tok, _, _ = tiny
+    _, _, _ = tiny
     q = VQTokenizer(tiny_tokenizer_config()).quantizer
     z = torch.nn.functional.normalize(torch.randn(1, q.codebook.shape[1], 4, 4), dim=1)
     restarted = q.restart_dead_codes(z)

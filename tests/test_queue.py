@@ -12,6 +12,7 @@ import textwrap
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mridc.edge.queue import FrameQueue, QueueError
 from mridc.v1 import mridc_pb2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from mridc.bench.service_load import run_service_bench
 
 pytestmark = pytest.mark.net

@@ -9,6 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
+from service_helpers import TEST_MODEL_ID, TokenPaintDecoder, expected_image, make_envelope, make_stream
+
 from mridc.cloud.service.cli import add_frames_arguments, parse_time_us, run_frames
 from mridc.cloud.service.config import ConfigError, ServiceConfig, load_config
 from mridc.cloud.service.ratelimit import DeviceRateLimiter
@@ -23,8 +26,6 @@ from mridc.cloud.service.validation import (
 )
 from mridc.cloud.service.worker import DecodeJob, DecodeQueue, DecodeService
 from mridc.v1 import mridc_pb2
-from PIL import Image
-from service_helpers import TEST_MODEL_ID, TokenPaintDecoder, expected_image, make_envelope, make_stream
 
 Ack = mridc_pb2.FrameAck
 

@@ -8,11 +8,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from service_helpers import ServiceProcess, expected_image, make_envelope, make_stream
+
 from mridc.cloud.service.security import new_token, write_token_file
 from mridc.firmware_sim.certs import generate_test_pki
 from mridc.v1 import mridc_pb2, mridc_pb2_grpc
-from PIL import Image
-from service_helpers import ServiceProcess, expected_image, make_envelope, make_stream
 
 pytestmark = pytest.mark.net
 Ack = mridc_pb2.FrameAck

@@ -9,12 +9,13 @@ import time
 import urllib.request
 
 import pytest
+from service_helpers import MqttDevice, ServiceProcess, make_envelope, stored_events
+
 from mridc.cloud.service.security import write_acl_file, write_password_file
 from mridc.cloud.service.store import FrameStore
 from mridc.firmware_sim.broker import BrokerTls, MosquittoBroker
 from mridc.firmware_sim.certs import generate_test_pki
 from mridc.v1 import mridc_pb2
-from service_helpers import MqttDevice, ServiceProcess, make_envelope, stored_events
 
 pytestmark = pytest.mark.net
 Ack = mridc_pb2.FrameAck

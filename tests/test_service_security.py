@@ -8,6 +8,7 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+
 from mridc.cloud.service.security import (
     TokenAuthority,
     bearer_token,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from test_transport_mqtt import fill_queue, forwarding, wait_until
+
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import Backoff, TlsFiles, open_transport
 from mridc.edge.transport.grpc import GrpcTransport
 from mridc.v1 import mridc_pb2
-from test_transport_mqtt import fill_queue, forwarding, wait_until
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(60)]
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+
 from mridc.edge.agent import Forwarder
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import Backoff, TlsFiles, TransportError, open_transport

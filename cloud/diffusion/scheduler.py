@@ -24,10 +24,10 @@ class DDIMScheduler:
 
     def timesteps(self, start: float, steps: int) -> list[int]:
         """Descending integer timesteps from start*T to 0 (exclusive) in `steps` DDIM steps."""
-        t_start = int(round(start * (self.num_train_timesteps - 1)))
+        t_start = round(start * (self.num_train_timesteps - 1))
         if t_start <= 0 or steps <= 0:
             return []
-        return sorted({int(round(t_start * (i + 1) / steps)) for i in range(steps)}, reverse=True)
+        return sorted({round(t_start * (i + 1) / steps) for i in range(steps)}, reverse=True)
 
     def step(self, x0_pred: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:

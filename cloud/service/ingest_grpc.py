@@ -19,6 +19,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from mridc.v1 import mridc_pb2, mridc_pb2_grpc
 
 from .config import ServiceConfig

@@ -17,9 +17,10 @@ import ssl
 import threading
 
 import paho.mqtt.client as mqtt
-from mridc.v1 import mridc_pb2
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from mridc.v1 import mridc_pb2
 
 from .config import FRAMES_FILTER, ServiceConfig
 from .validation import FrameRejected, device_from_topic, parse_envelope

@@ -14,6 +14,7 @@ import os
 import time
 
 import numpy as np
+
 from mridc.shared.bitstream import TokenFrame, compress, decompress
 from mridc.shared.entropy import TokenPrior
 from mridc.v1 import mridc_pb2

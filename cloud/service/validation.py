@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
+
 from mridc.v1 import mridc_pb2
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

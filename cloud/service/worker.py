@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
 from mridc.v1 import mridc_pb2
 
 from .config import ServiceConfig

@@ -101,7 +101,7 @@ class CropSampler:
             h, w = img.shape[1:]
             lo = max(self.min_scale, self.size / min(h, w))
             scale = math.exp(rng.uniform(math.log(lo), 0.0))  # crop covers size/scale source pixels
-            side = min(int(round(self.size / scale)), h, w)
+            side = min(round(self.size / scale), h, w)
             y, x = rng.randint(0, h - side), rng.randint(0, w - side)
             crop = img[:, y:y + side, x:x + side][None].float()
             if side != self.size:

@@ -16,7 +16,15 @@ from tqdm import tqdm
 from mridc.cloud.diffusion.pipeline import diffusion_condition
 from mridc.cloud.diffusion.scheduler import DDIMScheduler
 from mridc.cloud.diffusion.unet import ConditionalUNet, UNetConfig, tiny_unet_config
-from mridc.cloud.train.common import Budget, JsonlLog, atomic_save, pick_device, rng_state, seed_everything, set_rng_state
+from mridc.cloud.train.common import (
+    Budget,
+    JsonlLog,
+    atomic_save,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
 from mridc.cloud.zoo import load_model

@@ -11,7 +11,15 @@ import torch
 from tqdm import tqdm
 
 from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, masked_token_loss, tiny_predictor_config
-from mridc.cloud.train.common import Budget, JsonlLog, atomic_save, pick_device, rng_state, seed_everything, set_rng_state
+from mridc.cloud.train.common import (
+    Budget,
+    JsonlLog,
+    atomic_save,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
 from mridc.cloud.zoo import load_model

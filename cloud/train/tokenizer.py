@@ -17,13 +17,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from mridc.cloud.discriminator import PatchDiscriminator, hinge_d_loss, r1_penalty
 from mridc.cloud.tokenizer import TokenizerConfig, VQTokenizer, tiny_tokenizer_config
-from mridc.cloud.train.common import Budget, JsonlLog, atomic_save, pick_device, rng_state, seed_everything, set_rng_state
+from mridc.cloud.train.common import (
+    Budget,
+    JsonlLog,
+    atomic_save,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.train.losses import adaptive_gan_weight, feature_matching_loss, ms_ssim_loss, selection_score
 from mridc.shared.zoo import default_shared_data_dir

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import grpc
+
 from mridc.edge.transport.base import Backoff, TlsFiles, Transport
 from mridc.v1 import mridc_pb2, mridc_pb2_grpc
 

@@ -22,10 +22,11 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-from mridc.edge.transport.base import Backoff, TlsFiles, Transport
-from mridc.v1 import mridc_pb2
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from mridc.edge.transport.base import Backoff, TlsFiles, Transport
+from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.mqtt")
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from mridc.shared.bitstream import TokenFrame, compress
 from mridc.shared.entropy import TokenPrior, encode_mask, encode_tokens_adaptive, encode_tokens_static
 from mridc.shared.fuzz import synthetic_frame, zipf_prior
