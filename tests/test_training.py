@@ -61,3 +61,21 @@ def test_shipped_file_round_trip_keeps_the_model_id(tmp_path, data_dir):
     assert agree >= 0.75  # fp16 encoder weights may move a few near-ties, not the grid
     with pytest.raises(Exception, match="expected 'predictor'"):
         load_model(tmp_path / "tok.pt", "predictor")
+
+
+def test_predictor_and_diffusion_trainers_run_resume_and_ship(tmp_path, data_dir):
+    from mridc.cloud.tokenizer import VQTokenizer, tiny_tokenizer_config
+    from mridc.cloud.train import diffusion as train_diff
+    from mridc.cloud.train import predictor as train_pred
+
+    torch.set_num_threads(1)
+    save_model(tmp_path / "tok.pt", "tokenizer", VQTokenizer(tiny_tokenizer_config()))
+    common = ["--tokenizer", str(tmp_path / "tok.pt"), "--data", str(data_dir), "--tiny", "--batch", "2",
+              "--crop", "64", "--device", "cpu"]
+    train_pred.main(["--out", str(tmp_path / "pred"), "--steps", "2", "--eval-every", "1", *common])
+    train_pred.main(["--out", str(tmp_path / "pred"), "--steps", "3", "--eval-every", "1", *common])
+    assert torch.load(tmp_path / "pred" / "last.pt", weights_only=False)["step"] == 3
+    pred = torch.load(tmp_path / "pred" / "best.pt", weights_only=False)
+    assert pred["kind"] == "predictor" and 0.0 <= pred["meta"]["val"]["top1"] <= 1.0
+    train_diff.main(["--out", str(tmp_path / "diff"), "--steps", "2", "--save-every", "1", *common])
+    assert load_model(tmp_path / "diff" / "best.pt", "diffusion").cfg.patch == 2

@@ -3,6 +3,7 @@ and a budget in steps and/or minutes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -96,3 +97,30 @@ def to_half_state_dict(module: torch.nn.Module) -> dict:
     """
     return {k: (v.half() if v.is_floating_point() and "codebook" not in k else v)
             for k, v in module.state_dict().items()}
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, kind: str, batch: int, crop: int, lr: float,
+                         frozen_tokenizer: bool) -> None:
+    """Options every trainer shares (data, run folder, budget, device, init), with per-model defaults."""
+    if frozen_tokenizer:
+        p.add_argument("--tokenizer", default="models/tokenizer.pt", help="frozen tokenizer weights")
+    p.add_argument("--data", nargs="*", help="image folders/files or VIDEO:FIRST-LAST[:EVERY] "
+                                             "(default: the ../shared/data training split)")
+    p.add_argument("--shared-data", help="reference data folder (default ../shared/data or $MRIDC_DATA)")
+    p.add_argument("--out", required=True, help="run folder: last.pt resumes exactly, best.pt is shipped, log.jsonl")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps (0 = no step limit)")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-time budget; stops at whichever comes first")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--crop", type=int, default=crop, help="training crop side in pixels")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--init", help=f"start from these weights (e.g. models/{kind}.pt) instead of scratch")
+    p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
+
+
+def trainer_main(description: str, add_arguments, train, argv=None) -> int:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    train(p.parse_args(argv))
+    return 0

@@ -19,11 +19,13 @@ from mridc.cloud.diffusion.unet import ConditionalUNet, UNetConfig, tiny_unet_co
 from mridc.cloud.train.common import (
     Budget,
     JsonlLog,
+    add_common_arguments,
     atomic_save,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
+    trainer_main,
 )
 from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
@@ -126,28 +128,14 @@ def train_diffusion(args: argparse.Namespace) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="models/tokenizer.pt", help="frozen tokenizer weights")
-    p.add_argument("--data", nargs="*")
-    p.add_argument("--shared-data")
-    p.add_argument("--out", required=True, help="run folder (last.pt resumes exactly; best.pt holds EMA weights)")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--minutes", type=float, default=0.0)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--ema", type=float, default=0.999)
+    add_common_arguments(p, kind="diffusion", batch=8, crop=128, lr=0.0002, frozen_tokenizer=True)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--init", help="start from these weights (e.g. models/diffusion.pt)")
-    p.add_argument("--tiny", action="store_true")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
-    train_diffusion(p.parse_args(argv))
+def main(argv=None) -> int:
+    return trainer_main(__doc__, add_arguments, train_diffusion, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,11 +14,13 @@ from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, 
 from mridc.cloud.train.common import (
     Budget,
     JsonlLog,
+    add_common_arguments,
     atomic_save,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
+    trainer_main,
 )
 from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
@@ -122,27 +124,13 @@ def train_predictor(args: argparse.Namespace) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="models/tokenizer.pt", help="frozen tokenizer weights")
-    p.add_argument("--data", nargs="*", help="image folders/files or VIDEO:FIRST-LAST[:EVERY]")
-    p.add_argument("--shared-data", help="reference data folder (default ../shared/data or $MRIDC_DATA)")
-    p.add_argument("--out", required=True, help="run folder (last.pt resumes exactly)")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--minutes", type=float, default=0.0)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--lr", type=float, default=4e-4)
+    add_common_arguments(p, kind="predictor", batch=16, crop=256, lr=0.0004, frozen_tokenizer=True)
     p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--init", help="start from these weights (e.g. models/predictor.pt)")
-    p.add_argument("--tiny", action="store_true")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
-    train_predictor(p.parse_args(argv))
+def main(argv=None) -> int:
+    return trainer_main(__doc__, add_arguments, train_predictor, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
