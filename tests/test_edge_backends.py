@@ -2,9 +2,8 @@
 
 Agreement measured on the full eval set (photos/eval at 768x512 + vtest frames 500-794 every 30, 19 frames;
 `.venv/bin/python tools/litert_convert.py check`): onnx-fp32 100%, LiteRT int8 97.4%, ONNX Runtime int8
-94.9%. On the five test frames below: 100%, 97.3% and 94.7%. The thresholds are those minus about 1.7
-points, so a
-re-export that loses accuracy fails here while a retrain that moves a few near-tie tokens does not.
+94.9%. On the five test frames below: 100%, 97.3% and 94.7%. The thresholds are those minus about
+1.7 points, so a re-export that loses accuracy fails here while one that moves a few near-tie tokens does not.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 VTEST_FRAMES = [560, 710]
 TFLITE = MODELS / "edge" / "encoder_int8.tflite"
 # backend -> minimum share of tokens equal to torch fp32's on the frames below (measured minus a margin)
-THRESHOLDS = {"onnx-fp32": 0.995, "onnx": 0.93, "litert": 0.955}
+THRESHOLDS = {"onnx-fp32": 0.995, "onnx": 0.95, "litert": 0.955}
 
 
 def _require_litert(backend: str) -> None:
