@@ -77,7 +77,8 @@ if [ ! -f "$WHEELS/.mridc-ok" ] || [ "$(cat "$WHEELS/.mridc-ok")" != "$WANT" ]; 
   rm -rf "$WHEELS"
   "$PY" -m pip install -q --target "$WHEELS" --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
     --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp --only-binary=:all: \
-    "${EDGE_WHEELS[@]}" || die "pip could not fetch the aarch64 wheels"
+    "${EDGE_WHEELS[@]}" 2>&1 | { grep -v 'is ignored: it is neither a file' || true; } ||
+    die "pip could not fetch the aarch64 wheels"  # (the filter drops noise about this machine's local indexes)
   echo "$WANT" > "$WHEELS/.mridc-ok"
 fi
 
