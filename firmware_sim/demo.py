@@ -643,8 +643,14 @@ class Demo:
         check_cloud_models(models_dir)
         encoder = load_edge_encoder(models_dir / "edge" if args.models_dir else None, args.backend)
         avif = load_avif()
-        perceptual = None if args.no_perceptual else load_perceptual()
-        perceptual_label = "not measured (--no-perceptual)" if perceptual is None else (
+        perceptual, why_not = None, "--no-perceptual"
+        if not args.no_perceptual:
+            try:
+                perceptual = load_perceptual()
+            except MissingPiece as exc:  # an optional metric: its weights live beside the checkout, not in it
+                why_not = str(exc)
+                self.say("check", f"perceptual distance skipped: {why_not}")
+        perceptual_label = f"not measured ({why_not})" if perceptual is None else (
             perceptual.name + ("" if perceptual.standard else ": LPIPS-style unit-normalised MobileNetV2 ImageNet "
                                "feature distance, not the standard LPIPS"))
         plan = plan_shots(args.images, args.frames)
