@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mridc", default="docs/results/rd/rd.json", help="rd.json with MRIDC codecs")
     p.add_argument("--baselines", default="docs/results/baselines/rd.json", help="rd.json with classical codecs")
     p.add_argument("--bpp", default="0.02,0.03")
-    p.add_argument("--out", default="docs/results/rd", help="writes compare.md and compare.json here")
+    p.add_argument("--out", default="docs/results/rd", help="writes compare.md, compare.json, compare.png here")
+    p.add_argument("--plot-bpp", default="0.01,0.015,0.02,0.03,0.05", help="rates on the plot ('' for no plot)")
 
 
 def _records(path: str) -> list[dict]:
@@ -73,10 +74,39 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """bpp vs each metric, one line per codec (MRIDC variants dashed), over the common images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
+    codecs = sorted({c for row in result["table"].values() for c in row})
+    for ax, (key, label, higher) in zip(axes, METRICS):
+        for codec in codecs:
+            pts = sorted((float(bpp), row[codec][key][0]) for bpp, row in result["table"].items()
+                         if codec in row and key in row[codec])
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, "--o" if codec.startswith("mridc") else "-s", ms=3, lw=1.2, label=codec)
+        ax.set_xlabel("bits per pixel")
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"MRIDC vs classical codecs at equal bits ({len(result['images'])} images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     result = compare(args.mridc, args.baselines, [float(b) for b in args.bpp.split(",") if b])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_bpp:
+        plot(compare(args.mridc, args.baselines, [float(b) for b in args.plot_bpp.split(",") if b]),
+             out / "compare.png")
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     md = to_markdown(result)
     (out / "compare.md").write_text(md)
