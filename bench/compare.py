@@ -20,7 +20,8 @@ METRICS = (("psnr", "PSNR dB", True), ("ms_ssim", "MS-SSIM", True), ("perceptual
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mridc", default="docs/results/rd/rd.json", help="rd.json with MRIDC codecs")
+    p.add_argument("--mridc", nargs="+", default=["docs/results/rd/rd.json"],
+                   help="rd.json files with MRIDC codecs; a later file's (image, codec, rate) records replace earlier ones")
     p.add_argument("--baselines", default="docs/results/baselines/rd.json", help="rd.json with classical codecs")
     p.add_argument("--bpp", default="0.02,0.03")
     p.add_argument("--out", default="docs/results/rd", help="writes compare.md, compare.json, compare.png here")
@@ -31,8 +32,16 @@ def _records(path: str) -> list[dict]:
     return [r for r in json.loads(Path(path).read_text())["records"] if r.get("status", "ok") == "ok"]
 
 
-def compare(mridc_path: str, baseline_path: str, bpps: list[float]) -> dict:
-    ours, theirs = _records(mridc_path), _records(baseline_path)
+def _merged(paths) -> list[dict]:
+    merged: dict = {}
+    for path in [paths] if isinstance(paths, str) else paths:
+        for r in _records(path):
+            merged[(r["image"], r["codec"], r["target_bpp"])] = r
+    return list(merged.values())
+
+
+def compare(mridc_paths, baseline_path: str, bpps: list[float]) -> dict:
+    ours, theirs = _merged(mridc_paths), _records(baseline_path)
     images = sorted({r["image"] for r in ours} & {r["image"] for r in theirs})
     table: dict = {}
     for bpp in bpps:
@@ -45,11 +54,14 @@ def compare(mridc_path: str, baseline_path: str, bpps: list[float]) -> dict:
                 rows[r["codec"]]["bpp"].append(r["bpp"])
         table[str(bpp)] = {codec: {k: (float(np.mean(v)), len(v)) for k, v in vals.items()}
                            for codec, vals in sorted(rows.items())}
-    return {"images": images, "table": table}
+    sources = [mridc_paths] if isinstance(mridc_paths, str) else list(mridc_paths)
+    return {"images": images, "table": table, "sources": {"mridc": sources, "baselines": baseline_path}}
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"Images measured by both runs: {len(result['images'])}.", ""]
+    lines = [(f"Images measured by both runs: {len(result['images'])}. MRIDC from "
+             f"{', '.join(result.get('sources', {}).get('mridc', []))}; baselines from "
+             f"{result.get('sources', {}).get('baselines', '')}."), ""]
     for bpp, codecs in result["table"].items():
         lines += [f"### {bpp} bpp", "", "| codec | " + " | ".join(h for _, h, _ in METRICS) + " | mean bpp |",
                   "|---|" + "---|" * (len(METRICS) + 1)]
