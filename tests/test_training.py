@@ -74,7 +74,12 @@ def test_predictor_and_diffusion_trainers_run_resume_and_ship(tmp_path, data_dir
               "--crop", "64", "--device", "cpu"]
     train_pred.main(["--out", str(tmp_path / "pred"), "--steps", "2", "--eval-every", "1", *common])
     train_pred.main(["--out", str(tmp_path / "pred"), "--steps", "3", "--eval-every", "1", *common])
-    assert torch.load(tmp_path / "pred" / "last.pt", weights_only=False)["step"] == 3
+    train_pred.main(["--out", str(tmp_path / "pred_straight"), "--steps", "3", "--eval-every", "1", *common])
+    resumed = torch.load(tmp_path / "pred" / "last.pt", weights_only=False)
+    straight = torch.load(tmp_path / "pred_straight" / "last.pt", weights_only=False)
+    assert resumed["step"] == straight["step"] == 3
+    for key in straight["model"]:  # 2 + 1 steps with a resume == 3 steps straight: exact resume
+        assert torch.equal(resumed["model"][key], straight["model"][key]), key
     pred = torch.load(tmp_path / "pred" / "best.pt", weights_only=False)
     assert pred["kind"] == "predictor" and 0.0 <= pred["meta"]["val"]["top1"] <= 1.0
     train_diff.main(["--out", str(tmp_path / "diff"), "--steps", "2", "--save-every", "1", *common])

@@ -124,3 +124,38 @@ def trainer_main(description: str, add_arguments, train, argv=None) -> int:
     add_arguments(p)
     train(p.parse_args(argv))
     return 0
+
+
+def init_from_shipped(model_cls, cfg_cls, path, device: torch.device):
+    """A model rebuilt from a shipped weights file (its config included), or None if `path` is unset/missing."""
+    if not path or not Path(path).exists():
+        return None
+    blob = torch.load(path, map_location=device, weights_only=False)
+    model = model_cls(cfg_cls.from_dict(blob["config"])).to(device)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    print(f"initialised weights from {path}")
+    return model
+
+
+def resume_state(run_dir: Path, device: torch.device, model: torch.nn.Module, opt, budget: Budget) -> dict | None:
+    """Load run_dir/last.pt into the model, optimizer, budget and RNGs; the checkpoint dict, or None."""
+    path = Path(run_dir) / "last.pt"
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    budget.elapsed_before = ck["elapsed"]
+    set_rng_state(ck["rng"])
+    print(f"resumed at step {ck['step']}")
+    return ck
+
+
+def data_streams(seed: int, checkpoint: dict | None) -> tuple[random.Random, torch.Generator]:
+    """The crop and mask random streams; on resume they continue exactly where the checkpoint left them."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if checkpoint and checkpoint.get("data_rng") is not None:
+        rng.setstate(checkpoint["data_rng"][0])
+        gen.set_state(checkpoint["data_rng"][1].cpu())
+    return rng, gen

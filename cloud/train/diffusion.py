@@ -5,7 +5,6 @@ with a trust map telling which tokens were real."""
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
@@ -21,10 +20,12 @@ from mridc.cloud.train.common import (
     JsonlLog,
     add_common_arguments,
     atomic_save,
+    data_streams,
+    init_from_shipped,
     pick_device,
+    resume_state,
     rng_state,
     seed_everything,
-    set_rng_state,
     trainer_main,
 )
 from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
@@ -55,35 +56,19 @@ def train_diffusion(args: argparse.Namespace) -> Path:
     stride = tokenizer.cfg.stride
     cfg = tiny_unet_config() if args.tiny else UNetConfig()
     model = ConditionalUNet(cfg).to(device)
-    if args.init and Path(args.init).exists():
-        blob = torch.load(args.init, map_location=device, weights_only=False)
-        model = ConditionalUNet(UNetConfig.from_dict(blob["config"])).to(device)
-        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-        print(f"initialised weights from {args.init}")
+    model = init_from_shipped(ConditionalUNet, UNetConfig, args.init, device) or model
     scheduler = DDIMScheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     budget = Budget(args.steps, args.minutes)
-    data_states = None
-    step = 0
-    if (run_dir / "last.pt").exists():
-        ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+    ck = resume_state(run_dir, device, model, opt, budget)
+    step = ck["step"] if ck else 0
+    if ck:
         ema = ck["ema"]
-        step = ck["step"]
-        budget.elapsed_before = ck["elapsed"]
-        set_rng_state(ck["rng"])
-        data_states = ck.get("data_rng")
-        print(f"resumed at step {step}")
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
     sampler = CropSampler(images, args.crop, device)
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    if step and data_states is not None:  # exact resume: the crop and mask streams continue where they were
-        rng.setstate(data_states[0])
-        gen.set_state(data_states[1].cpu())
+    rng, gen = data_streams(args.seed, ck)
     amp = device.type == "cuda"
     budget.start()
     bar = tqdm(total=args.steps or None, initial=step, desc="diffusion", dynamic_ncols=True)

@@ -16,10 +16,12 @@ from mridc.cloud.train.common import (
     JsonlLog,
     add_common_arguments,
     atomic_save,
+    data_streams,
+    init_from_shipped,
     pick_device,
+    resume_state,
     rng_state,
     seed_everything,
-    set_rng_state,
     trainer_main,
 )
 from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
@@ -51,33 +53,16 @@ def train_predictor(args: argparse.Namespace) -> Path:
     stride = tokenizer.cfg.stride
     cfg = tiny_predictor_config(tokenizer.cfg.codebook_size) if args.tiny else PredictorConfig(codebook_size=tokenizer.cfg.codebook_size)
     model = BidirectionalTokenPredictor(cfg).to(device)
-    if args.init and Path(args.init).exists():
-        blob = torch.load(args.init, map_location=device, weights_only=False)
-        model = BidirectionalTokenPredictor(PredictorConfig.from_dict(blob["config"])).to(device)
-        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-        print(f"initialised weights from {args.init}")
+    model = init_from_shipped(BidirectionalTokenPredictor, PredictorConfig, args.init, device) or model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.96), weight_decay=0.01)
     budget = Budget(args.steps, args.minutes)
-    data_states = None
-    step, best = 0, -1.0
-    if (run_dir / "last.pt").exists():
-        ck = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step, best = ck["step"], ck["best"]
-        budget.elapsed_before = ck["elapsed"]
-        set_rng_state(ck["rng"])
-        data_states = ck.get("data_rng")
-        print(f"resumed at step {step}")
+    ck = resume_state(run_dir, device, model, opt, budget)
+    step, best = (ck["step"], ck["best"]) if ck else (0, -1.0)
 
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
     sampler = CropSampler(images, args.crop, device)
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    if step and data_states is not None:  # exact resume: the crop and mask streams continue where they were
-        rng.setstate(data_states[0])
-        gen.set_state(data_states[1].cpu())
+    rng, gen = data_streams(args.seed, ck)
     val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)] + images[:3], args.crop,
                            device, min_scale=0.5).sample(16, random.Random(7))
     val_tokens = tokenizer.encode_indices(val_imgs)
