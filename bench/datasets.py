@@ -51,9 +51,10 @@ class EvalImage:
 
 
 def data_root() -> Path:
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """$MRIDC_DATA, else ../shared/data beside the checkout (one rule, in mridc.shared.zoo)."""
+    from mridc.shared.zoo import default_shared_data_dir
+
+    return default_shared_data_dir()
 
 
 def fit_max_side(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -262,7 +262,7 @@ def run_worker(backend: str, args, work: Path, classical: bool, tokens: bool) ->
         cmd += ["--tokens-out", str(work / f"tokens_{backend}.npz")]
     if classical:
         cmd += ["--classical"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MRIDC_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     before = load_1min()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
     if proc.returncode != 0:

@@ -24,7 +24,7 @@ import torch
 from mridc.cloud.diffusion.pipeline import ResidualDiffusionPipeline
 from mridc.cloud.maskgit import fill_masked_tokens
 from mridc.cloud.zoo import ModelFileError, load_model, tokenizer_codebook
-from mridc.shared.bitstream import BitstreamError, TokenFrame, decompress
+from mridc.shared.bitstream import TokenFrame, decompress
 from mridc.shared.entropy import TokenPrior
 from mridc.shared.zoo import default_models_dir, model_id_from_codebook
 
@@ -101,10 +101,7 @@ class MRIDCDecoder:
     # -- stages -------------------------------------------------------------------------------------
     def validate(self, bitstream: bytes) -> TokenFrame:
         """Parse and check a stream without decoding pixels: CRC, header sanity, model id. BitstreamError if bad."""
-        frame = decompress(bytes(bitstream), self.prior, model_id=self.model_id)
-        if frame.model_id != self.model_id:  # decompress checks too; kept explicit for clarity
-            raise BitstreamError(f"stream made by model {frame.model_id:08x}, this decoder has {self.model_id:08x}")
-        return frame
+        return decompress(bytes(bitstream), self.prior, model_id=self.model_id)
 
     def complete_latent(self, frames: Sequence[TokenFrame], settings: DecodeSettings
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +114,9 @@ class MRIDCDecoder:
             keeps.append(f.keep_mask)
         tokens = torch.from_numpy(np.stack(grids)).to(self.device)
         keep = torch.from_numpy(np.stack(keeps)).to(self.device)
-        nearest = torch.from_numpy(np.stack([nearest_kept_fill(g, k) for g, k in zip(grids, keeps)])).to(self.device)
+        def nearest() -> torch.Tensor:  # only the fills that use it pay for the distance transform
+            return torch.from_numpy(np.stack([nearest_kept_fill(g, k) for g, k in zip(grids, keeps)])).to(self.device)
+
         lookup = self.tokenizer.quantizer.lookup
         fill = settings.fill
         if fill in ("bpcg", "maskgit") and self.predictor is None:
@@ -125,7 +124,7 @@ class MRIDCDecoder:
         if fill == "bpcg":
             probs = self.predictor(tokens, keep).float().softmax(-1)
             expected = (probs @ self.tokenizer.quantizer.normalized_codebook()).permute(0, 3, 1, 2)
-            blended = settings.blend * expected + (1 - settings.blend) * lookup(nearest)
+            blended = settings.blend * expected + (1 - settings.blend) * lookup(nearest())
             latent = torch.where(keep[:, None], lookup(tokens), blended)
             completed = torch.where(keep, tokens, probs.argmax(-1))
         elif fill == "maskgit":
@@ -133,7 +132,7 @@ class MRIDCDecoder:
                                               seed=settings.seed)
             latent = lookup(completed)
         elif fill == "nearest":
-            completed = nearest
+            completed = nearest()
             latent = lookup(completed)
         elif fill == "mode":
             completed = torch.where(keep, tokens, torch.full_like(tokens, self.mode_token))
