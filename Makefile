@@ -31,13 +31,13 @@ system-deps: ## install mosquitto (MQTT broker for tests/demo) with apt-get when
 test: setup ## run the test suite (what CI runs)
 	MRIDC_REQUIRE_MOSQUITTO=1 $(PY) -m pytest -q -p no:cacheprovider
 
-test-all: setup ## the suite plus slow tests (30 s outages, long fuzz)
+test-all: setup ## the suite plus slow tests (30 s link outages)
 	MRIDC_REQUIRE_MOSQUITTO=1 $(PY) -m pytest -q -m 'not arm64 and not gpu'
 
 demo: setup ## end-to-end demo: simulated cameras -> emulated link -> cloud service -> demo-out/ report
 	$(PY) -m mridc.firmware_sim.demo --out demo-out
 
-bench: setup ## benchmarks that fit in ~30 min here; JSON + plots in docs/results/
+bench: setup ## a reduced run of every benchmark (budgeted ~30 min, untimed); JSON + plots in docs/results/
 	$(VENV)/bin/mridc-bench all --out docs/results
 
 train: setup ## train tokenizer, predictor, diffusion on the CPU (resumes from runs/ and models/; CUDA if present)
