@@ -56,7 +56,7 @@ export-litert: setup ## rebuild models/edge/encoder_int8.tflite in a separate co
 	bash tools/litert_convert.sh
 
 proto: setup ## regenerate the gRPC/protobuf stubs (grpcio-tools 1.85.1 -> protobuf >= 7.35 at run time)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto proto/mridc/v1/mridc.proto
+	$(PY) -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src src/mridc/v1/mridc.proto
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check .

@@ -173,7 +173,7 @@ def test_help_names_the_options():
 
 
 def test_sample_assets_are_small_and_attributed():
-    assets = REPO / "firmware_sim" / "demo_assets"
+    assets = REPO / "src" / "mridc" / "firmware_sim" / "demo_assets"
     clip = assets / "vtest_500-539.avi"
     assert clip.stat().st_size <= 3 * 1024 * 1024
     attribution = (assets / "ATTRIBUTION.txt").read_text()

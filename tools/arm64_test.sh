@@ -82,12 +82,11 @@ if [ ! -f "$WHEELS/.mridc-ok" ] || [ "$(cat "$WHEELS/.mridc-ok")" != "$WANT" ]; 
   echo "$WANT" > "$WHEELS/.mridc-ok"
 fi
 
-# The project's own code, as the package mridc (the repository's folders are its subpackages).
+# The project's own code: the edge subset of src/mridc (edge, shared, v1), so that a stray import of the
+# cloud side fails here as it would on a camera.
 rm -rf "$SHIM" && mkdir -p "$SHIM/mridc"
-cp mridc/__init__.py "$SHIM/mridc/"
-ln -s "$REPO/edge" "$SHIM/mridc/edge"
-ln -s "$REPO/shared" "$SHIM/mridc/shared"
-ln -s "$REPO/proto/mridc/v1" "$SHIM/mridc/v1"
+cp src/mridc/__init__.py "$SHIM/mridc/"
+for d in edge shared v1; do ln -s "$REPO/src/mridc/$d" "$SHIM/mridc/$d"; done
 
 # -- 3. encode on arm64 -------------------------------------------------------------------------------
 rm -rf "$WORK" && mkdir -p "$WORK"

@@ -6,11 +6,9 @@ set -u
 REPO="$PWD"
 MINUTES_TOK=${MINUTES_TOK:-5.3}
 MINUTES_BPCG=${MINUTES_BPCG:-2.6}
-mkdir -p /tmp/p/mridc && cp mridc/__init__.py /tmp/p/mridc/
-for d in edge cloud shared bench firmware_sim; do ln -sfn "$PWD/$d" "/tmp/p/mridc/$d"; done
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/p:/tmp/site PYTHONUNBUFFERED=1 MRIDC_DATA="$REPO/.data" TQDM_MININTERVAL=30
-cd /tmp  # not the repo root: its mridc/ folder would shadow the package shim
+export PYTHONPATH="$REPO/src:/tmp/site" PYTHONUNBUFFERED=1 MRIDC_DATA="$REPO/.data" TQDM_MININTERVAL=30
+cd /tmp
 nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 python3 -m mridc.cloud.train.session --runs /tmp/runs --ship-dir "$OUT" --init-dir "$REPO/models" --device cuda \
   --tokenizer-minutes "$MINUTES_TOK" --bpcg-minutes "$MINUTES_BPCG" --tokenizer-batch 32 \

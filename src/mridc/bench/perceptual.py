@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mridc.shared.zoo import default_shared_data_dir
+
 WEIGHTS_ENV = "MRIDC_MOBILENET_WEIGHTS"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 MNV2_LABEL = "MNv2-LPIPS (uncalibrated)"
@@ -90,7 +92,7 @@ def default_weights_path() -> Path:
     """``$MRIDC_MOBILENET_WEIGHTS``, else ``../shared/data/weights/`` beside the repository."""
     if os.environ.get(WEIGHTS_ENV):
         return Path(os.environ[WEIGHTS_ENV])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weights" / WEIGHTS_FILE
+    return default_shared_data_dir() / "weights" / WEIGHTS_FILE
 
 
 def load_mobilenet_v2(weights: str | os.PathLike | None = None) -> MobileNetV2:

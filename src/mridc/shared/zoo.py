@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]  # checkout root: src/mridc/shared/zoo.py
 
 
 def default_models_dir() -> Path:

@@ -19,6 +19,8 @@ import numpy as np
 from scipy.ndimage import convolve
 from scipy.special import gamma
 
+from mridc.shared.zoo import default_shared_data_dir
+
 PARAMS_ENV = "MRIDC_NIQE_PARAMS"
 BLOCK = 96
 
@@ -29,7 +31,7 @@ _R_GAM = gamma(2.0 / _GAM) ** 2 / (gamma(1.0 / _GAM) * gamma(3.0 / _GAM))
 def default_params_path() -> Path:
     if os.environ.get(PARAMS_ENV):
         return Path(os.environ[PARAMS_ENV])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weights" / "niqe" / "niqe_pris_params.npz"
+    return default_shared_data_dir() / "weights" / "niqe" / "niqe_pris_params.npz"
 
 
 @lru_cache(maxsize=4)

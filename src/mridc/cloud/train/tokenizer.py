@@ -59,6 +59,8 @@ class TokenizerTrainConfig:
     seed: int = 0
     amp: bool = True
     tiny: bool = False
+    min_scale: float = 0.2  # smallest crop scale (a crop covers crop/min_scale source pixels)
+    select: str = "detail"  # checkpoint score: "detail" (PSNR penalised by gradient-energy error) or "psnr"
     model: dict = field(default_factory=dict)
 
 
@@ -75,7 +77,7 @@ def build_val_set(shared: Path, device: torch.device, crop: int, val_sources: li
 
 
 @torch.no_grad()
-def evaluate(model: VQTokenizer, val: torch.Tensor) -> dict:
+def evaluate(model: VQTokenizer, val: torch.Tensor, select: str = "detail") -> dict:
     model.eval()
     recs, idx_all = [], []
     for i in range(0, len(val), 4):
@@ -89,6 +91,8 @@ def evaluate(model: VQTokenizer, val: torch.Tensor) -> dict:
     p = counts / counts.sum()
     perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
     result = selection_score(val, rec)
+    if select == "psnr":  # the gradient-energy term can reward invented texture over fidelity
+        result["score"] = result["psnr"]
     result.update(codebook_perplexity=float(perplexity), codes_used=float((counts > 0).float().mean()))
     return result
 
@@ -97,7 +101,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     tcfg = TokenizerTrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, crop=args.crop,
                                 seed=args.seed, tiny=args.tiny, eval_every=args.eval_every,
                                 save_every=args.eval_every, gan_start=args.gan_start, lr=args.lr,
-                                disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp)
+                                disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp,
+                                min_scale=args.min_scale, select=args.select)
     device = pick_device(args.device)
     seed_everything(tcfg.seed)
     run_dir = Path(args.out)
@@ -154,7 +159,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
     sources = args.data or default_train_sources(shared)
     images = [img for spec in sources for img in parse_source(spec)]
-    sampler = CropSampler(images, tcfg.crop, device)
+    sampler = CropSampler(images, tcfg.crop, device, min_scale=tcfg.min_scale)
     val = build_val_set(shared, device, tcfg.crop, args.val)
     rng = random.Random(tcfg.seed)
     if data_rng_state is not None:
@@ -165,7 +170,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
           f"{len(images)} training images, device {device}")
 
     if step == 0 and args.init:  # the starting weights are a candidate too: GAN must beat them to be kept
-        metrics = evaluate(model, val)
+        metrics = evaluate(model, val, tcfg.select)
         best_score = metrics["score"]
         atomic_save({"kind": "tokenizer", "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                      "meta": {"step": 0, "val": metrics, "train": asdict(tcfg), "gan_active": False,
@@ -231,7 +236,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
                       d_loss=d_loss, adv_weight=adv_w, restarted=restarted)
             bar.set_postfix(l1=f"{l1.item():.3f}", d=f"{d_loss.item():.2f}", w=f"{float(adv_w):.2f}")
         if step % tcfg.eval_every == 0 or budget.done(step):
-            metrics = evaluate(model, val)
+            metrics = evaluate(model, val, tcfg.select)
             is_best = metrics["score"] > best_score
             if is_best:
                 best_score = metrics["score"]
@@ -274,6 +279,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--disc-warmup", type=int, default=300, help="steps the discriminator trains alone first")
     p.add_argument("--gan-ramp", type=int, default=1000, help="steps over which the adversarial weight ramps in")
+    p.add_argument("--min-scale", type=float, default=0.2,
+                   help="smallest random crop scale (0.2: a 256 crop may cover 1280 source pixels)")
+    p.add_argument("--select", choices=["detail", "psnr"], default="detail",
+                   help="checkpoint selection score on the held-out crops")
     p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
 
 
