@@ -1,7 +1,7 @@
 """Helpers for the cloud service tests: service processes, simulated MQTT devices, log readers.
 
-The test decoder (`TokenPaintDecoder`, a real MRD parse that paints tokens) and the synthetic streams live
-in mridc.cloud.service.testing, so the load benchmark can use them too.
+The test decoder (`TokenPaintDecoder`, a real MRD parse that paints tokens) and the synthetic streams come
+from fakes.py, over mridc.lab.synthetic (which the service benchmark uses too).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from mridc.cloud.service.testing import (  # noqa: F401 - re-exported for the tests
+from fakes import (  # noqa: F401 - re-exported for the tests
     CODEBOOK_BITS,
     TEST_MODEL_ID,
     TokenPaintDecoder,
@@ -23,7 +23,9 @@ from mridc.cloud.service.testing import (  # noqa: F401 - re-exported for the te
     make_stream,
     make_token_paint_decoder,
 )
+
 from mridc.shared.bitstream import BitstreamError
+from mridc.shared.protocol import acks_topic, frames_topic
 from mridc.v1 import mridc_pb2
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -136,7 +138,7 @@ class MqttDevice:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
-            client.subscribe(f"mridc/v1/{self.device_id}/acks", qos=1)
+            client.subscribe(acks_topic(self.device_id), qos=1)
             self._connected.set()
 
     def _on_message(self, client, userdata, message):
@@ -146,7 +148,7 @@ class MqttDevice:
             self.acks.append(ack)
 
     def publish(self, payload: bytes, topic_device: str | None = None):
-        topic = f"mridc/v1/{topic_device or self.device_id}/frames"
+        topic = frames_topic(topic_device or self.device_id)
         return self.client.publish(topic, payload, qos=1)
 
     def send(self, sequence: int, **fields):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mridc.bench.datasets import data_root
+from mridc.lab.datasets import data_root
 from mridc.shared.zoo import default_models_dir
 
 

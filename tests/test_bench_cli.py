@@ -1,4 +1,4 @@
-"""The mridc-bench entry point: registry, stubs for unwritten benchmarks, and a tiny real rd run."""
+"""The mridc-bench entry point: registry and a tiny real rd run."""
 
 import json
 
@@ -7,13 +7,6 @@ import pytest
 from PIL import Image
 
 from mridc.bench import cli
-
-
-def test_unwritten_modules_are_stubs_that_print_no_numbers(capsys, monkeypatch):
-    monkeypatch.setitem(cli.BUILTIN_MODULES, "nothing", "mridc.bench.does_not_exist")
-    assert cli.main(["nothing"]) == 2
-    err = capsys.readouterr().err
-    assert "not available yet" in err and not any(ch.isdigit() for ch in err.replace("mridc", ""))
 
 
 def test_register_adds_a_subcommand(monkeypatch):
@@ -69,8 +62,8 @@ def test_rd_end_to_end_on_tiny_images(tmp_path):
 def test_mridc_adapter_counts_real_bytes_and_flags_overshoot():
     from types import SimpleNamespace
 
-    from mridc.bench.codecs import Codec
     from mridc.bench.rd import MRIDCCodec
+    from mridc.lab.codecs import Codec
 
     class FakeEncoder:
         def encode(self, image, bpp, scale=None):

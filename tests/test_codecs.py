@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mridc.bench import codecs
-from mridc.bench.metrics import psnr
+from mridc.lab import codecs
+from mridc.lab.metrics import psnr
 
 
 def _image(h=96, w=128):

@@ -22,13 +22,13 @@ TARGET_BPP = 0.02
 
 
 def _perceptual_weights_present() -> bool:
-    from mridc.bench.perceptual import default_weights_path
+    from mridc.lab.perceptual import default_weights_path
 
     return default_weights_path().is_file()
 
 
 def _mosquitto_present() -> bool:
-    from mridc.firmware_sim.broker import BrokerError, find_mosquitto
+    from mridc.lab.broker import BrokerError, find_mosquitto
 
     try:
         find_mosquitto()

@@ -58,8 +58,8 @@ def frames() -> list[tuple[str, np.ndarray]]:
 def reference_tokens(frames) -> dict[str, np.ndarray]:
     from mridc.edge.encoder import EdgeEncoder
 
-    torch_encoder = EdgeEncoder(MODELS, backend="torch")
-    return {name: torch_encoder.tokenize(image)[1] for name, image in frames}
+    torch_encoder = EdgeEncoder.from_bundle(MODELS, backend="torch")
+    return {name: torch_encoder.tokens(image) for name, image in frames}
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +74,11 @@ def test_token_agreement_with_torch_fp32(backend, frames, reference_tokens):
     from mridc.edge.encoder import EdgeEncoder
 
     _require_litert(backend)
-    encoder = EdgeEncoder(MODELS, backend=backend)
+    encoder = EdgeEncoder.from_bundle(MODELS, backend=backend)
     same = total = 0
     per_frame = {}
     for name, image in frames:
-        tokens = encoder.tokenize(image)[1]
+        tokens = encoder.tokens(image)
         assert tokens.shape == reference_tokens[name].shape  # the grid follows the frame on every backend
         equal = int((tokens == reference_tokens[name]).sum())
         per_frame[name] = round(equal / tokens.size, 4)
@@ -93,7 +93,7 @@ def test_stream_from_every_backend_decodes_to_the_input_size(backend, frames, de
 
     _require_litert(backend)
     image = np.ascontiguousarray(frames[0][1][37:37 + 123, 50:50 + 205])  # odd size: padding on both axes
-    result = EdgeEncoder(MODELS, backend=backend).encode(image, bpp=0.05, scale=1)
+    result = EdgeEncoder.from_bundle(MODELS, backend=backend).encode(image, bpp=0.05, scale=1)
     frame = decompress(result.bitstream, _prior())  # the edge bundle's prior, as the cloud uses
     assert np.array_equal(frame.kept_tokens, result.tokens[frame.keep_mask])
     decoded = decoder.decode(result.bitstream, realism=0)
@@ -129,7 +129,7 @@ def test_edge_modules_import_and_encode_with_torch_blocked(tmp_path: Path):
         from mridc.edge.encoder import EdgeEncoder
 
         image = (np.arange(48 * 80 * 3) % 251).astype(np.uint8).reshape(48, 80, 3)
-        result = EdgeEncoder({str(MODELS)!r}, backend="onnx").encode(image, keep_ratio=0.5)
+        result = EdgeEncoder.from_bundle({str(MODELS)!r}, backend="onnx").encode(image, keep_ratio=0.5)
         assert result.tokens.shape == (3, 5) and len(result.bitstream) > 0
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
         print(len(set(imported)), "modules")
@@ -138,3 +138,58 @@ def test_edge_modules_import_and_encode_with_torch_blocked(tmp_path: Path):
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[0]) >= 10
+
+
+# ---- the encoder's parts ----------------------------------------------------------------------------------
+def test_torch_backend_comes_from_the_cloud_entry_point_not_an_edge_import():
+    from mridc.edge.runners import RUNNERS
+
+    # pyproject.toml's [project.entry-points."mridc.edge_runners"]; needs an install after it changed
+    assert {"onnx", "onnx-fp32", "litert", "torch"} <= set(RUNNERS.names())
+    from mridc.cloud.torch_runner import torch_fp32
+
+    assert RUNNERS.factory("torch") is torch_fp32
+
+
+def test_registry_rejects_unknown_and_duplicate_names():
+    from mridc.edge.runners import EncoderError, RunnerRegistry
+
+    registry = RunnerRegistry({"a": lambda config: None})
+    assert registry.names() == ("a",)
+    with pytest.raises(EncoderError, match="unknown backend 'b'"):
+        registry.create("b", None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("a", lambda config: None)
+
+
+def test_quantizer_nearest_and_lookup_are_a_pair():
+    from mridc.edge.quantizer import VectorQuantizer
+
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(64, 8)).astype(np.float32)
+    codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
+    quantizer = VectorQuantizer(codebook)
+    indices = rng.integers(0, 64, size=(3, 5)).astype(np.uint16)
+    codes = quantizer.lookup(indices) * 3.0  # runners give vectors of any length
+    assert codes.shape == (8, 3, 5)
+    got, error = quantizer.nearest(codes)
+    assert np.array_equal(got, indices) and np.allclose(error, 0.0, atol=1e-5)
+    assert (quantizer.size, quantizer.code_dim, quantizer.index_bits) == (64, 8, 6)
+
+
+def test_an_encoder_composed_from_parts_gives_the_bundle_encoders_bytes():
+    from mridc.edge.encoder import EdgeEncoder
+
+    bundle = EdgeEncoder.from_bundle(MODELS, backend="onnx")
+    calls = []
+
+    def runner(x):  # any callable with the runner's contract can stand in
+        calls.append(x.shape)
+        return bundle.runner(x)
+
+    composed = EdgeEncoder(runner, bundle.quantizer, bundle.priority, bundle.policy, bundle.rate,
+                           stride=bundle.stride)
+    image = (np.arange(70 * 90 * 3) % 251).astype(np.uint8).reshape(70, 90, 3)
+    for kwargs in ({"bpp": 0.05}, {"keep_ratio": 0.5}):
+        assert composed.encode(image, **kwargs).bitstream == bundle.encode(image, **kwargs).bitstream
+    assert calls == [(1, 3, 80, 96)] * 2

@@ -24,7 +24,7 @@ from mridc.edge.agent import EdgeAgent
 from mridc.edge.capture import open_source
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import Backoff, open_transport
-from mridc.firmware_sim.fleet import SyntheticEncoder
+from mridc.lab.synthetic import SyntheticEncoder
 from mridc.shared.bitstream import decompress
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(120)]
@@ -152,8 +152,8 @@ def test_cloud_down_for_a_while(tmp_path, image_dir, protocol, mosquitto, mqtt_c
 _EDGE_PROCESS = textwrap.dedent(
     """
     import argparse, sys
-    from mridc.edge.agent import add_run_arguments, run_from_args
-    from mridc.firmware_sim.fleet import SyntheticEncoder
+    from mridc.edge.cli import add_run_arguments, run_from_args
+    from mridc.lab.synthetic import SyntheticEncoder
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     sys.exit(run_from_args(parser.parse_args(), encoder=SyntheticEncoder()))
@@ -285,7 +285,7 @@ def test_full_queue_with_lower_bpp_policy_lowers_the_rate_and_counts_drops(tmp_p
 def test_config_file_cli_overrides_and_clear_errors(tmp_path, capsys):
     import argparse
 
-    from mridc.edge.agent import add_run_arguments, config_from_args, run_from_args
+    from mridc.edge.cli import add_run_arguments, config_from_args, run_from_args
     from mridc.edge.config import ConfigError, load_config
 
     config = tmp_path / "device.toml"
@@ -326,7 +326,7 @@ def test_config_file_cli_overrides_and_clear_errors(tmp_path, capsys):
 
 
 def test_fleet_of_three_devices(tmp_path, image_dir, mosquitto, mqtt_cloud_factory):
-    from mridc.firmware_sim.fleet import Fleet
+    from mridc.lab.fleet import Fleet
 
     cloud = mqtt_cloud_factory(mosquitto.port)
     fleet = Fleet(devices=3, source=str(image_dir), transport_url=mosquitto.url, workdir=tmp_path / "fleet",
@@ -359,7 +359,7 @@ def test_edge_agent_against_the_real_cloud_service(tmp_path, image_dir, protocol
     """The same agent against cloud/service (in-process worker, test decoder): frames stored, queue empty."""
     server = pytest.importorskip("mridc.cloud.service.server")
     from mridc.cloud.service.config import ServiceConfig
-    from mridc.cloud.service.testing import TEST_MODEL_ID, TokenPaintDecoder
+    from mridc.lab.synthetic import TokenPaintDecoder
 
     config = ServiceConfig(out_dir=tmp_path / "cloud", mqtt_url=mosquitto.url if protocol == "mqtt" else None,
                            grpc_addr="127.0.0.1:0" if protocol == "grpc" else None, allow_insecure=True,
@@ -369,7 +369,7 @@ def test_edge_agent_against_the_real_cloud_service(tmp_path, image_dir, protocol
     try:
         url = mosquitto.url if protocol == "mqtt" else f"grpc://127.0.0.1:{ready['grpc_port']}"
         queue = FrameQueue(tmp_path / "queue.db", DEVICE)
-        agent = EdgeAgent(device_id=DEVICE, encoder=SyntheticEncoder(model_id=TEST_MODEL_ID),
+        agent = EdgeAgent(device_id=DEVICE, encoder=SyntheticEncoder(),
                           transport=open_transport(url, DEVICE, backoff=Backoff(0.2, 1.0)), queue=queue,
                           source=open_source(str(image_dir), fps=20, loop=True, max_frames=10), ack_timeout_s=10)
         status = agent.run(drain_timeout_s=30)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mridc.edge import keyregions as kr
+from mridc.edge.haar import group_rectangles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ASTRONAUT = DATA / "photos" / "eval" / "astronaut.png"
@@ -52,7 +53,7 @@ def test_parse_roi_forms_and_errors():
 
 def test_group_rectangles_merges_neighbours_and_drops_loners():
     rects = [(100, 100, 40, 40), (102, 101, 40, 40), (99, 98, 42, 42), (300, 10, 40, 40)]
-    groups = kr.group_rectangles(rects, min_neighbors=2)
+    groups = group_rectangles(rects, min_neighbors=2)
     assert len(groups) == 1 and abs(groups[0][0] - 100.3) < 1
 
 
@@ -65,19 +66,30 @@ def test_source_registry():
         out[:, 0] = 1.0
         return out
 
-    if name not in kr.key_sources():
-        kr.register_key_source(name, left_column)
+    registry = kr.KeySourceRegistry()  # a registry of its own: the default one stays as shipped
+    registry.register("faces", kr.get_key_source("faces"))
+    registry.register(name, left_column)
     with pytest.raises(ValueError, match="already registered"):
-        kr.register_key_source(name, left_column)
+        registry.register(name, left_column)
     with pytest.raises(ValueError, match="unknown key source"):
         kr.get_key_source("no-such-source")
+    assert name not in kr.key_sources() and registry.names() == sorted(["faces", name])
     img = np.full((64, 96, 3), 128, np.uint8)
     regions = kr.detect_key_regions(
-        img, (4, 6), 16, rois=[{"box": [80, 48, 96, 64]}], use_faces=True, sources=[name]
+        img, (4, 6), 16, rois=[{"box": [80, 48, 96, 64]}], use_faces=True, sources=[name], registry=registry
     )
     assert set(regions.per_source) == {"rois", "faces", name}
     assert not regions.per_source["faces"].any()  # a flat frame has no faces
     assert regions.mask[:, 0].all() and regions.mask[3, 5] and regions.mask.sum() == 5
+    with pytest.raises(ValueError, match="unknown key source"):
+        kr.detect_key_regions(img, (4, 6), 16, use_faces=False, sources=[name])
+
+
+def test_rois_from_agent_config_and_scaled():
+    assert kr.roi_from_config((10, 20, 30, 40)) == {"box": [10, 20, 40, 60]}
+    assert kr.roi_from_config({"box": [1, 2, 3, 4]}) == {"box": [1, 2, 3, 4]}
+    assert kr.scale_roi([10, 20, 40, 60], 0.5, 0.25) == {"box": [5.0, 5.0, 20.0, 15.0]}
+    assert kr.scale_roi([[0, 0], [10, 0], [5, 8]], 2, 1) == {"polygon": [[0.0, 0.0], [20.0, 0.0], [10.0, 8.0]]}
 
 
 def test_detect_key_mask_rejects_image_larger_than_grid():

@@ -15,7 +15,7 @@ from test_transport_mqtt import fill_queue, forwarding, wait_until
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import open_transport
 from mridc.firmware_sim.cli import build_parser, link_options
-from mridc.firmware_sim.link import PROFILES, LinkEmulator
+from mridc.lab.link import PROFILES, LinkEmulator
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(60)]
 

@@ -22,7 +22,7 @@ def _image_folder(tmp_path, size):
 
 @pytest.mark.net
 def test_link_bench_tiny_run(tmp_path):
-    from mridc.firmware_sim.broker import BrokerError, find_mosquitto
+    from mridc.lab.broker import BrokerError, find_mosquitto
 
     try:
         find_mosquitto()

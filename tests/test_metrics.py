@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mridc.bench import metrics
-from mridc.bench.datasets import data_root
+from mridc.lab import metrics
+from mridc.lab.datasets import data_root
 
 
 def _texture(h=192, w=256, seed=0):
@@ -65,7 +65,7 @@ def test_roi_metrics_see_damage_inside_the_box_only():
 
 
 def test_niqe_prefers_the_original_to_blur_and_noise():
-    from mridc.bench.niqe import niqe
+    from mridc.lab.niqe import niqe
 
     photo = _photo()
     blurred = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(2)))
@@ -78,7 +78,7 @@ def test_niqe_prefers_the_original_to_blur_and_noise():
 
 
 def test_matlab_imresize_half():
-    from mridc.bench.niqe import imresize_matlab
+    from mridc.lab.niqe import imresize_matlab
 
     # MATLAB: imresize(reshape(0:15, 4, 4)', 0.5) (bicubic, antialiased)
     out = imresize_matlab(np.arange(16.0).reshape(4, 4), 0.5)
@@ -87,7 +87,7 @@ def test_matlab_imresize_half():
 
 @pytest.fixture(scope="module")
 def perceptual():
-    from mridc.bench.perceptual import PerceptualDistance, default_weights_path
+    from mridc.lab.perceptual import PerceptualDistance, default_weights_path
 
     if not default_weights_path().is_file():
         pytest.skip("MobileNetV2 weights not present")

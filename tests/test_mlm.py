@@ -189,6 +189,24 @@ def test_fit_to_budget_protects_key_regions_and_warns():
     assert 0 < keep.sum() < 60 and not keep[~key].any() and "key tokens" in info.warning
 
 
+def test_policy_and_order_search_are_fit_to_budget_in_parts():
+    from mridc.edge.masking import MapGuidedSelection
+
+    img = _photo_like()
+    tokens = _tokens((32, 48))
+    key = np.zeros((32, 48), bool)
+    key[24:30, 2:12] = True
+    p = mlm.priority_map(img, (32, 48), STRIDE, key_mask=key)
+    policy = MapGuidedSelection(MaskingConfig())
+    for target in (70, 400, 983):
+        keep, stream, info = mlm.fit_to_budget(tokens, p, key, target, fake_pack(tokens))
+        keep2, stream2, info2 = mlm.fit_order_to_budget(policy.order(p, key), p.shape, target, fake_pack(tokens))
+        assert np.array_equal(keep, keep2) and stream == stream2 and info.n_keep == info2.n_keep
+        assert info.warning == policy.warning(info2.n_keep, key)
+    selected = policy.select(p, 100, key)
+    assert np.array_equal(selected.keep_mask, mlm.select_keep_mask(p, 100, key).keep_mask)
+
+
 def test_fit_to_budget_deterministic_and_start_hint_agrees():
     img = _photo_like()
     tokens = _tokens((32, 48))

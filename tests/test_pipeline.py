@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder, nearest_kept_fill
+from mridc.cloud.diffusion.scheduler import DDIMScheduler
+from mridc.cloud.pipeline import (
+    FILLS,
+    DecodeSettings,
+    MRIDCDecoder,
+    NearestFill,
+    make_fill,
+    nearest_kept_fill,
+)
 from mridc.cloud.tokenizer import VQTokenizer, tiny_tokenizer_config
 from mridc.edge.encoder import EdgeEncoder, nearest_codewords
 from mridc.shared.bitstream import BitstreamError, decompress
@@ -17,13 +25,13 @@ EVAL = default_shared_data_dir() / "photos" / "eval"
 
 @pytest.fixture(scope="module")
 def encoder():
-    return EdgeEncoder()
+    return EdgeEncoder.from_bundle()
 
 
 @pytest.fixture(scope="module")
 def decoder():
     torch.set_num_threads(2)
-    return MRIDCDecoder.from_pretrained()
+    return MRIDCDecoder.from_models()
 
 
 def _photo(h=128, w=176) -> np.ndarray:
@@ -149,3 +157,38 @@ def test_scaled_mode_meets_budget_and_decodes_to_the_frame_size(encoder, decoder
     assert half.tokens.shape == (8, 12)
     with pytest.raises(ValueError, match="scale"):
         encoder.encode(img, keep_ratio=1.0, scale=2.0)
+
+
+def test_decode_frames_is_the_decode_of_bytes(encoder, decoder):
+    stream = encoder.encode(_photo(), bpp=0.03).bitstream
+    frame = decoder.validate(stream)
+    out = decoder.decode_frames([frame], DecodeSettings(realism=0.5, seed=2, steps=2))[0]
+    assert np.array_equal(out.image, decoder.decode(stream, realism=0.5, seed=2, steps=2))
+    assert out.frame is frame and set(out.timings) == {"tokens", "render"}
+
+
+def test_fills_are_interchangeable_parts(encoder, decoder):
+    assert FILLS[0] == "bpcg" and set(FILLS) == set(decoder.fills) == {"bpcg", "maskgit", "nearest", "mode"}
+    frame = decoder.validate(encoder.encode(_photo(), keep_ratio=0.5).bitstream)
+    settings = DecodeSettings(realism=0.0, fill="nearest")
+    # A decoder built from one fill uses it by default and gives the same pixels as the registry's fill.
+    only_nearest = MRIDCDecoder(decoder.tokenizer, NearestFill.from_parts(decoder.tokenizer), None, decoder.prior)
+    assert only_nearest.default_fill == "nearest"
+    assert np.array_equal(only_nearest.decode_frames([frame], DecodeSettings(realism=0.0))[0].image,
+                          decoder.decode_frames([frame], settings)[0].image)
+    with pytest.raises(ValueError, match="unknown fill"):
+        only_nearest.decode_frames([frame], DecodeSettings(fill="bpcg"))
+    with pytest.raises(ValueError, match="unknown fill"):
+        make_fill("telepathy", decoder.tokenizer)
+    assert isinstance(make_fill("bpcg", decoder.tokenizer, predictor=None), NearestFill)  # no predictor shipped
+
+
+def test_the_refiner_scheduler_can_be_swapped(encoder, decoder):
+    stream = encoder.encode(_photo(), keep_ratio=0.6).bitstream
+    same = MRIDCDecoder.from_models(scheduler=DDIMScheduler())
+    other = MRIDCDecoder.from_models(scheduler=DDIMScheduler(num_train_timesteps=500))
+    reference = decoder.decode(stream, realism=0.5, seed=1, steps=2)
+    assert np.array_equal(same.decode(stream, realism=0.5, seed=1, steps=2), reference)
+    assert not np.array_equal(other.decode(stream, realism=0.5, seed=1, steps=2), reference)
+    no_refiner = MRIDCDecoder(decoder.tokenizer, decoder.fills, None, decoder.prior)
+    assert np.array_equal(no_refiner.decode(stream, realism=1.0), decoder.decode(stream, realism=0.0))

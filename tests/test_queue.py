@@ -47,6 +47,31 @@ def test_retry_later_keeps_and_final_statuses_remove(tmp_path):
         assert (s["retry_later"], s["acked_duplicate"], s["acked_rejected"], s["acked_stored"]) == (1, 1, 1, 1)
 
 
+def test_attempts_count_the_forwarders_sends(tmp_path):
+    from mridc.edge.agent import Forwarder
+
+    class Wire:  # connected, accepts every frame, never acks
+        connected = True
+        on_ack = on_reset = None
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, envelope):
+            self.sent.append(envelope.sequence)
+            return True
+
+    with FrameQueue(tmp_path / "q.db", "cam-01") as q:
+        q.put(b"f1")
+        q.put(b"f2")
+        forwarder = Forwarder(q, Wire(), window=4, ack_timeout_s=0.0)
+        assert forwarder.step() == 2
+        assert [f.attempts for f in q.pending()] == [1, 1]
+        assert forwarder.step() == 2  # no ack within the (zero) timeout: sent again
+        assert [f.attempts for f in q.pending()] == [2, 2]
+        assert forwarder.transport.sent == [1, 2, 1, 2] and forwarder.stats["resent"] == 2
+
+
 def test_sequence_monotonic_across_restarts_even_when_empty(tmp_path):
     path = tmp_path / "q.db"
     with FrameQueue(path, "cam-01") as q:

@@ -20,11 +20,11 @@ from mridc.cloud.service.validation import (
     FrameRejected,
     Limits,
     check_envelope,
-    device_from_topic,
     parse_envelope,
     validate_envelope,
 )
 from mridc.cloud.service.worker import DecodeJob, DecodeQueue, DecodeService
+from mridc.shared.protocol import device_from_topic
 from mridc.v1 import mridc_pb2
 
 Ack = mridc_pb2.FrameAck
@@ -135,12 +135,12 @@ def test_decode_service_stores_png_and_sidecar_once(tmp_path):
 
 def test_decode_service_batches_and_survives_a_poisoned_batch(tmp_path):
     class Flaky(TokenPaintDecoder):
-        def decode_batch(self, bitstreams, realism=0.0, seed=0, steps=None):
-            if any(b == poison for b in bitstreams):
+        def decode_frames(self, frames, settings=None):
+            if any(f == poison for f in frames):
                 raise RuntimeError("decoder bug")
-            return super().decode_batch(bitstreams, realism, seed)
+            return super().decode_frames(frames, settings)
 
-    poison = make_stream("cam-p", 3)
+    poison = TokenPaintDecoder().validate(make_stream("cam-p", 3))
     service = make_service(tmp_path, Flaky(delay_s=0.01), batch_size=4, batch_wait_ms=50)
     try:
         acks = []
@@ -244,7 +244,7 @@ def test_service_with_the_real_decoder_at_realism_0(tmp_path):
     encoder_module = pytest.importorskip("mridc.edge.encoder")
     try:
         decoder = pipeline.MRIDCDecoder.from_pretrained()
-        encoder = encoder_module.EdgeEncoder()
+        encoder = encoder_module.EdgeEncoder.from_bundle()
     except (FileNotFoundError, OSError) as exc:
         pytest.skip(f"models not shipped yet: {exc}")
     yy, xx = np.mgrid[0:128, 0:192]

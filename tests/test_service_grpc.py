@@ -12,7 +12,7 @@ from PIL import Image
 from service_helpers import ServiceProcess, expected_image, make_envelope, make_stream
 
 from mridc.cloud.service.security import new_token, write_token_file
-from mridc.firmware_sim.certs import generate_test_pki
+from mridc.lab.certs import generate_test_pki
 from mridc.v1 import mridc_pb2, mridc_pb2_grpc
 
 pytestmark = pytest.mark.net

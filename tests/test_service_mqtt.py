@@ -13,8 +13,8 @@ from service_helpers import MqttDevice, ServiceProcess, make_envelope, stored_ev
 
 from mridc.cloud.service.security import write_acl_file, write_password_file
 from mridc.cloud.service.store import FrameStore
-from mridc.firmware_sim.broker import BrokerTls, MosquittoBroker
-from mridc.firmware_sim.certs import generate_test_pki
+from mridc.lab.broker import BrokerTls, MosquittoBroker
+from mridc.lab.certs import generate_test_pki
 from mridc.v1 import mridc_pb2
 
 pytestmark = pytest.mark.net

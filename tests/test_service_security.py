@@ -19,8 +19,8 @@ from mridc.cloud.service.security import (
     write_password_file,
     write_token_file,
 )
-from mridc.firmware_sim.broker import BrokerTls, MosquittoBroker
-from mridc.firmware_sim.certs import generate_test_pki
+from mridc.lab.broker import BrokerTls, MosquittoBroker
+from mridc.lab.certs import generate_test_pki
 
 pytestmark = pytest.mark.net
 

@@ -84,3 +84,27 @@ def test_predictor_and_diffusion_trainers_run_resume_and_ship(tmp_path, data_dir
     assert pred["kind"] == "predictor" and 0.0 <= pred["meta"]["val"]["top1"] <= 1.0
     train_diff.main(["--out", str(tmp_path / "diff"), "--steps", "2", "--save-every", "1", *common])
     assert load_model(tmp_path / "diff" / "best.pt", "diffusion").cfg.patch == 2
+
+
+def test_inference_never_imports_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, mridc.cloud.pipeline, mridc.cloud.zoo; "
+            "sys.exit(any(m.startswith('mridc.cloud.train') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_weights_without_config_round_trip_in_fp16(tmp_path):
+    from mridc.cloud.discriminator import PatchDiscriminator
+    from mridc.cloud.zoo import load_checkpoint, save_checkpoint
+
+    disc = PatchDiscriminator(width=8)
+    save_checkpoint(tmp_path / "disc.pt", "discriminator", disc.state_dict(), half=True)
+    raw = torch.load(tmp_path / "disc.pt", weights_only=False)
+    assert raw["kind"] == "discriminator" and raw["state_dict"]["head.weight"].dtype == torch.float16
+    loaded = load_checkpoint(tmp_path / "disc.pt", "discriminator")["state_dict"]
+    assert loaded["head.weight"].dtype == torch.float32
+    assert torch.allclose(loaded["head.weight"], disc.state_dict()["head.weight"], atol=1e-3)
+    with pytest.raises(Exception, match="expected 'tokenizer'"):
+        load_checkpoint(tmp_path / "disc.pt", "tokenizer")

@@ -14,10 +14,11 @@ import pytest
 from mridc.edge.agent import Forwarder
 from mridc.edge.queue import FrameQueue
 from mridc.edge.transport import Backoff, TlsFiles, TransportError, open_transport
-from mridc.edge.transport.mqtt import MqttTransport, device_from_topic, status_topic
-from mridc.firmware_sim.broker import BrokerTls, write_password_file
-from mridc.firmware_sim.fleet import SyntheticEncoder
+from mridc.edge.transport.mqtt import MqttTransport
+from mridc.lab.broker import BrokerTls, write_password_file
+from mridc.lab.synthetic import SyntheticEncoder
 from mridc.shared.bitstream import inspect
+from mridc.shared.protocol import device_from_topic, status_topic
 
 pytestmark = [pytest.mark.net, pytest.mark.timeout(60)]
 

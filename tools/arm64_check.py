@@ -95,7 +95,7 @@ def run_arm(out: Path) -> None:
     streams = out / "arm_streams"
     streams.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    encoder = EdgeEncoder(backend="litert")
+    encoder = EdgeEncoder.from_bundle(backend="litert")
     report: dict = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
                     "load_seconds": round(time.perf_counter() - t0, 2), "frames": {}}
     for png in sorted((out / "frames").glob("*.png")):
@@ -144,7 +144,7 @@ def verify(out: Path, arm_seconds: float | None) -> int:
 
     arm = json.loads((out / "arm_report.json").read_text())
     streams = out / "arm_streams"
-    encoder = EdgeEncoder(backend="litert")
+    encoder = EdgeEncoder.from_bundle(backend="litert")
     failures: list[str] = []
     same_tokens = total_tokens = 0
     same_streams = n_streams = 0

@@ -5,9 +5,10 @@
     .venv/bin/python tools/litert_convert.py check [--json out.json]   # token agreement vs torch fp32
 
 The graph is the encoder's convolutions without the final L2 normalisation: the edge normalises in numpy
-before the nearest-codeword search (`nearest_codewords`), and an int8 tensor of unit vectors would only lose
+before the nearest-codeword search (`mridc.edge.quantizer`), and an int8 tensor of unit vectors would only lose
 precision. Input float32 NCHW in [-1, 1], output float32 NCHW code vectors (not unit length), batch 1,
-height and width dynamic (any multiple of 16; the token grid is (H/16, W/16)).
+height and width dynamic (any multiple of the stride, 16 for the shipped tokenizer; the token grid is
+(H/stride, W/stride)).
 
 Quantisation: PT2E (torchao) with litert-torch's PT2EQuantizer, int8 symmetric per-channel weights and
 int8 activations calibrated with histogram observers on training crops (`calibration_frames`, never eval
@@ -44,8 +45,9 @@ def convert(models: Path, shared: Path, calib: int, fp32: bool, example_hw=(512,
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from mridc.cloud.export import calibration_frames, sha256_file
+    from mridc.cloud.export import calibration_frames
     from mridc.cloud.zoo import load_model
+    from mridc.shared.protocol import EdgeManifest, bundle_files
 
     torch.manual_seed(0)
     edge = models / "edge"
@@ -92,12 +94,8 @@ def convert(models: Path, shared: Path, calib: int, fp32: bool, example_hw=(512,
     report["int8_bytes"] = out.stat().st_size
 
     manifest_path = edge / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
     names = [TFLITE_INT8] + ([TFLITE_FP32] if fp32 else [])
-    for name in names:
-        f = edge / name
-        manifest.setdefault("files", {})[name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    EdgeManifest.read(manifest_path).with_files(bundle_files(edge, names)).write(manifest_path)
     print(f"wrote {', '.join(str(edge / n) for n in names)} ({report['int8_bytes']} bytes int8) and "
           f"updated {manifest_path}")
     return report
@@ -132,12 +130,12 @@ def token_agreement(models: Path, shared: Path, backends=("onnx", "onnx-fp32", "
     from mridc.edge.encoder import EdgeEncoder, EncoderError
 
     frames = eval_frames(shared)
-    reference = EdgeEncoder(models, backend="torch")
-    ref_tokens = {name: reference.tokenize(image)[1] for name, image in frames}
+    reference = EdgeEncoder.from_bundle(models, backend="torch")
+    ref_tokens = {name: reference.tokens(image) for name, image in frames}
     result: dict = {"frames": len(frames), "reference": "torch fp32", "backends": {}}
     for backend in backends:
         try:
-            encoder = EdgeEncoder(models, backend=backend)
+            encoder = EdgeEncoder.from_bundle(models, backend=backend)
         except EncoderError as exc:
             result["backends"][backend] = {"error": str(exc)}
             continue
@@ -146,7 +144,7 @@ def token_agreement(models: Path, shared: Path, backends=("onnx", "onnx-fp32", "
         seconds = []
         for name, image in frames:
             t0 = time.perf_counter()
-            tokens = encoder.tokenize(image)[1]
+            tokens = encoder.tokens(image)
             seconds.append(time.perf_counter() - t0)
             same = int((tokens == ref_tokens[name]).sum())
             per_set.setdefault(name.split("/")[0], [0, 0])

@@ -1,1 +1,1 @@
-"""MRIDC Edge."""
+"""The benchmark applications behind `mridc-bench`, over the evaluation library mridc.lab."""

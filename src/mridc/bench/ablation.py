@@ -12,7 +12,7 @@ Two parts, each in its own module, sharing one set of images, one encoder/decode
 The default image set is the public eval set used in ``docs/results/ablation``: the four ``*_by_*`` photos
 and astronaut, chelsea, coffee and rocket from ``photos/eval`` (larger ones centre-cropped to 3:2 and
 resized to 768x512, or 512x768 for portrait; smaller ones kept), plus four evaluation frames (500-794) of
-``camera/vtest.avi``. ``--images`` takes sets, folders, image files or videos instead (``bench.datasets``).
+``camera/vtest.avi``. ``--images`` takes sets, folders, image files or videos instead (``mridc.lab.datasets``).
 
 Key regions: faces (``detect_faces``, grown by the encoder's face margin) on photos, pedestrians
 (``detect_bodies``, the body cascade) on video frames. They are given to the encoder as ROIs, so the boxes
@@ -29,9 +29,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
-import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,12 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
+from mridc.lab.meter import Meter as LabMeter
+from mridc.lab.provenance import machine, package_versions, peak_rss_mib, write_json_atomic
+
+from . import ablation_bpcg, ablation_mlm
+from .ablation_common import finite, fit_frame
+
 HELP = "MLM and BPCG ablations (masking policies, token prediction, realism knob, decode stages)"
 
 DEFAULT_OUT = "docs/results/ablation"
 DEFAULT_PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")  # plus every *_by_* photo
-FIGURE_IMAGES = ("astronaut", "chelsea", "coffee")  # public domain / CC0: fine in a committed figure
-TARGET_SIZE = (768, 512)  # width, height of a landscape frame (portrait: swapped)
+PARTS = {"mlm": ablation_mlm, "bpcg": ablation_bpcg}  # each has run(ctx) and render_markdown(result)
+# The versions that move the ablation numbers: the decoder runtime, the metrics.
+ABLATION_PACKAGES = ("torch", "numpy", "onnxruntime", "pillow", "pytorch-msssim", "scipy")
 
 
 def _floats(text: str) -> list[float]:
@@ -105,26 +109,6 @@ class AblationImage:
                 "redistributable": self.redistributable}
 
 
-def fit_frame(image: np.ndarray, size: tuple[int, int] = TARGET_SIZE) -> np.ndarray:
-    """Centre-crop to the target aspect and resize to it (768x512, or 512x768 for portrait); keep if smaller."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    tw, th = size if w >= h else size[::-1]
-    if w <= tw and h <= th:
-        return image
-    aspect = tw / th
-    if w / h > aspect:
-        cw, ch = round(h * aspect), h
-    else:
-        cw, ch = w, round(w / aspect)
-    x0, y0 = (w - cw) // 2, (h - ch) // 2
-    crop = image[y0:y0 + ch, x0:x0 + cw]
-    if cw <= tw and ch <= th:
-        return np.ascontiguousarray(crop)
-    return np.asarray(Image.fromarray(crop).resize((tw, th), Image.Resampling.LANCZOS))
-
-
 def _int_boxes(boxes, height: int, width: int) -> list[list[int]]:
     out = []
     for b in boxes:
@@ -146,7 +130,7 @@ def key_boxes(image: np.ndarray, kind: str) -> list[list[int]]:
 
 
 def default_images(vtest_frames: int = 4) -> list[AblationImage]:
-    from . import datasets as ds
+    from mridc.lab import datasets as ds
 
     folder = ds.data_root() / "photos" / "eval"
     if not folder.is_dir():
@@ -174,7 +158,7 @@ def _frame(name: str, rgb: np.ndarray, source: str, set_name: str, motion: list)
 
 
 def load_images(specs: list[str], vtest_frames: int, limit: int | None) -> list[AblationImage]:
-    from . import datasets as ds
+    from mridc.lab import datasets as ds
 
     images: list[AblationImage] = []
     for spec in specs:
@@ -191,54 +175,18 @@ def load_images(specs: list[str], vtest_frames: int, limit: int | None) -> list[
 
 
 # ---- measurements -----------------------------------------------------------------------------------
-class Meter:
-    """PSNR, MS-SSIM, the perceptual distance, NIQE, and PSNR/MS-SSIM inside boxes."""
+class Meter(LabMeter):
+    """The lab meter (perceptual distance optional), per ablation image: whole frame and its key/pedestrian boxes."""
 
-    def __init__(self, perceptual: bool = True):
-        self.perceptual = None
-        self.perceptual_name = None
-        self.perceptual_missing = None
-        if perceptual:
-            try:
-                from .perceptual import PerceptualDistance
+    def __init__(self):
+        super().__init__(("psnr", "ms_ssim", "perceptual"), perceptual_required=False)
 
-                self.perceptual = PerceptualDistance()
-                self.perceptual_name = self.perceptual.name
-            except (OSError, RuntimeError, ImportError) as exc:  # weights not on this machine
-                self.perceptual_missing = f"{type(exc).__name__}: {exc}"
-
-    def full(self, ref: np.ndarray, dec: np.ndarray, niqe: bool = False) -> dict:
-        from . import metrics as m
-
-        out = {"psnr": m.psnr(ref, dec), "ms_ssim": m.ms_ssim(ref, dec),
-               "perceptual": self.perceptual(ref, dec) if self.perceptual is not None else None}
+    def measure_image(self, item: AblationImage, dec: np.ndarray, niqe: bool = False) -> dict:
+        out = self.measure(item.image, dec)
         if niqe:
             out["niqe"] = self.niqe(dec)
-        return out
-
-    @staticmethod
-    def niqe(image: np.ndarray) -> float | None:
-        from .niqe import niqe
-
-        try:
-            value = niqe(image)
-        except ValueError:  # smaller than one 96-px block
-            return None
-        return value if math.isfinite(value) else None
-
-    @staticmethod
-    def roi(ref: np.ndarray, dec: np.ndarray, boxes: list, prefix: str) -> dict:
-        from . import metrics as m
-
-        if not boxes:
-            return {}
-        r = m.roi_metrics(ref, dec, boxes)
-        return {f"{prefix}_psnr": r["roi_psnr"], f"{prefix}_ms_ssim": r["roi_ms_ssim_mean"]}
-
-    def measure(self, item: AblationImage, dec: np.ndarray, niqe: bool = False) -> dict:
-        out = self.full(item.image, dec, niqe=niqe)
-        out.update(self.roi(item.image, dec, item.key_boxes, "key"))
-        out.update(self.roi(item.image, dec, item.motion_boxes, "ped"))
+        out.update(self.boxes(item.image, dec, item.key_boxes, "key"))
+        out.update(self.boxes(item.image, dec, item.motion_boxes, "ped"))
         return out
 
 
@@ -261,41 +209,36 @@ class Context:
 
         if anchor_spacing not in self._encoders:
             masking = mlm.MaskingConfig() if anchor_spacing is None else mlm.MaskingConfig(anchor_spacing=anchor_spacing)
-            self._encoders[anchor_spacing] = EdgeEncoder(self.models_dir, backend="onnx", threads=1, masking=masking)
+            self._encoders[anchor_spacing] = EdgeEncoder.from_bundle(self.models_dir, backend="onnx", threads=1,
+                                                                     masking=masking)
         return self._encoders[anchor_spacing]
 
     def decode_many(self, stream: bytes, variants: list[tuple[str, float]], seed: int = 0, steps: int = 8) -> dict:
         """Real bytes -> {(fill, realism): (image, seconds per stage)}.
 
         Each fill completes the tokens and runs the tokenizer decoder once; every realism of that fill
-        refines the same decode (what ``MRIDCDecoder.render`` does per call, so the pixels are identical)."""
-        import torch
-
+        refines the same decode with the decoder's own stages, so the pixels are what ``decode`` gives."""
         from mridc.cloud.pipeline import DecodeSettings
 
-        frame = self.decoder.validate(stream)
+        decoder = self.decoder
+        frame = decoder.validate(stream)
         by_fill: dict[str, list[float]] = {}
         for fill, realism in variants:
             by_fill.setdefault(fill, []).append(realism)
         out = {}
-        with torch.no_grad():
-            for fill, realisms in by_fill.items():
-                t0 = time.perf_counter()
-                latent, trust, _ = self.decoder.complete_latent([frame], DecodeSettings(seed=seed, steps=steps,
-                                                                                        fill=fill))
-                t1 = time.perf_counter()
-                base = self.decoder.tokenizer.decoder(latent).clamp(-1, 1)
-                t2 = time.perf_counter()
-                for realism in realisms:
-                    t3 = time.perf_counter()
-                    image = base
-                    if self.decoder.diffusion is not None and realism > 0:
-                        image = self.decoder.diffusion(base, trust, realism, steps=steps, seed=seed)
-                    t4 = time.perf_counter()
-                    pixels = ((image.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-                    out[(fill, realism)] = (
-                        np.ascontiguousarray(pixels[0, : frame.height, : frame.width].numpy()),
-                        {"tokens_s": t1 - t0, "tokenizer_s": t2 - t1, "diffusion_s": t4 - t3})
+        for fill, realisms in by_fill.items():
+            t0 = time.perf_counter()
+            completion = decoder.complete([frame], DecodeSettings(seed=seed, steps=steps, fill=fill))
+            t1 = time.perf_counter()
+            base = decoder.decode_latent(completion.latent)
+            t2 = time.perf_counter()
+            for realism in realisms:
+                t3 = time.perf_counter()
+                image = decoder.refine(base, completion.trust,
+                                       DecodeSettings(realism=realism, seed=seed, steps=steps, fill=fill))
+                t4 = time.perf_counter()
+                out[(fill, realism)] = (decoder.to_images(image, [frame])[0],
+                                        {"tokens_s": t1 - t0, "tokenizer_s": t2 - t1, "diffusion_s": t4 - t3})
         return out
 
     def decode(self, stream: bytes, **settings):
@@ -307,76 +250,9 @@ class Context:
         return out.image, out
 
 
-# ---- summaries ---------------------------------------------------------------------------------------
-def mean_of(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    return float(np.mean(values)) if values else None
-
-
-def count_of(rows: list[dict], key: str) -> int:
-    return sum(1 for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
-
-
-def fmt(value, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def finite(obj):
-    """JSON-safe copy: numpy scalars to Python, inf/nan to None."""
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.ndarray):
-        return finite(obj.tolist())
-    return obj
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
-
-
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        load = f" (load average {os.getloadavg()[0]:.2f} at start)"
-    except OSError:
-        load = ""
-    return (f"{platform.machine()}, {platform.processor() or 'cpu'}, {cores} cores, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}{load}")
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("torch", "numpy", "onnxruntime", "pillow", "pytorch-msssim", "scipy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 # ---- the subcommand ----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from . import ablation_bpcg, ablation_mlm
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -385,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from mridc.cloud.pipeline import MRIDCDecoder
 
-        decoder = MRIDCDecoder.from_pretrained(models_dir=args.models_dir, device="cpu")
+        decoder = MRIDCDecoder.from_models(models_dir=args.models_dir, device="cpu")
     except Exception as exc:  # noqa: BLE001 - no models, no numbers: say why
         print(f"mridc-bench ablation: models not loadable ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 1
@@ -398,8 +274,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "command": command_line(args),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": _versions(),
+        "machine": machine(with_load=True),
+        "versions": package_versions(ABLATION_PACKAGES),
         "torch_threads": torch.get_num_threads(),
         "model_id": f"{decoder.model_id:08x}",
         "perceptual": meter.perceptual_name or f"unavailable ({meter.perceptual_missing})",
@@ -420,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         _write(out, result, ("mlm", "bpcg"))
         return 0
     parts = {"all": ("mlm", "bpcg"), "mlm": ("mlm",), "bpcg": ("bpcg",)}[args.part]
-    for part, module in (("mlm", ablation_mlm), ("bpcg", ablation_bpcg)):
+    for part, module in PARTS.items():
         if part not in parts:
             continue
         t0 = time.perf_counter()
@@ -429,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                                "torch_threads": meta["torch_threads"], "wall_s": round(time.perf_counter() - t0, 1)}
         _write(out, result, parts)
     meta["wall_s"] = {"total_s": round(time.perf_counter() - t_start, 1)}
-    meta["peak_rss_mb_benchmark_process"] = round(peak_rss_mb(), 1)
+    meta["peak_rss_mb_benchmark_process"] = round(peak_rss_mib(), 1)
     _write(out, result, parts)
     print(f"ablation: done in {meta['wall_s']['total_s']:.0f} s; {out / 'summary.md'}", file=sys.stderr)
     return 0
@@ -458,27 +334,23 @@ def command_line(args: argparse.Namespace) -> str:
 
 def _write(out: Path, result: dict, parts: tuple[str, ...] = ("mlm", "bpcg")) -> None:
     """Write this run's parts; a part this run does not measure keeps its numbers from the file."""
-    from . import ablation_bpcg, ablation_mlm
-
     path = out / "ablation.json"
     if path.exists():
         try:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             previous = {}
-        for part in ("mlm", "bpcg"):
+        for part in PARTS:
             if part not in parts and part in previous:
                 result[part] = previous[part]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(finite(result), indent=1) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, finite(result), newline=True)
     meta = result["meta"]
     header = ("# MRIDC ablations: tables\n\nWritten by `mridc-bench ablation` (the command of each part is under "
               f"its tables) on {meta['machine']}; wall times on a shared machine are approximate. "
               f"Perceptual distance: {meta['perceptual']} (ranks methods on the same images; not LPIPS). "
               "Findings: README.md.\n")
     texts = [header]
-    for part, module in (("mlm", ablation_mlm), ("bpcg", ablation_bpcg)):
+    for part, module in PARTS.items():
         if part in result:
             texts.append(module.render_markdown(result[part]))
             run = result[part].get("run")

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mridc.lab.provenance import peak_rss_mib
+
+from .ablation_common import FIGURE_IMAGES, count_of, finite, fit_frame, fmt, masked_view, mean_of, table
+
 
 # ---- 1. token accuracy --------------------------------------------------------------------------------
 def token_accuracy_one(decoder, tokens: np.ndarray, keep: np.ndarray, maskgit_steps: int = 8, seed: int = 0,
                        blend: float = 0.5) -> dict:
-    """Counts over the masked positions of one grid: correct predictions per method and summed cosines."""
+    """Counts over the masked positions of one grid: correct predictions per method and summed cosines.
+
+    The fills are the decoder's own (``decoder.fills``), so this scores exactly what a decode puts there."""
     import torch
 
-    from mridc.cloud.maskgit import fill_masked_tokens
-    from mridc.cloud.pipeline import nearest_kept_fill
+    from mridc.cloud.pipeline import DecodeSettings
 
     masked = ~keep
     n = int(masked.sum())
@@ -50,24 +54,27 @@ def token_accuracy_one(decoder, tokens: np.ndarray, keep: np.ndarray, maskgit_st
     t_keep = torch.from_numpy(keep)[None]
     t_truth = torch.from_numpy(truth)[None]
     t_masked = torch.from_numpy(masked)[None]
+    settings = DecodeSettings(seed=seed, predictor_steps=maskgit_steps, blend=blend)
+
+    def fill(name: str):
+        return decoder.fills[name](t_tokens, t_keep, settings)
+
     with torch.no_grad():
         logits = decoder.predictor(t_tokens, t_keep).float()
         probs = logits.softmax(-1)
         top5 = logits.topk(5, dim=-1).indices
         out["predictor_top1"] = int(((top5[..., 0] == t_truth) & t_masked).sum())
         out["predictor_top5"] = int(((top5 == t_truth[..., None]).any(-1) & t_masked).sum())
-        nearest = torch.from_numpy(nearest_kept_fill(truth * keep, keep))[None]
-        out["nearest_top1"] = int(((nearest == t_truth) & t_masked).sum())
-        out["mode_top1"] = int(((torch.full_like(t_truth, decoder.mode_token) == t_truth) & t_masked).sum())
+        nearest, mode = fill("nearest"), fill("mode")
+        out["nearest_top1"] = int(((nearest.tokens == t_truth) & t_masked).sum())
+        out["mode_top1"] = int(((mode.tokens == t_truth) & t_masked).sum())
         if maskgit_steps:
-            completed, _ = fill_masked_tokens(decoder.predictor, t_tokens, t_keep, steps=maskgit_steps, seed=seed)
-            out["maskgit_top1"] = int(((completed == t_truth) & t_masked).sum())
+            out["maskgit_top1"] = int(((fill("maskgit").tokens == t_truth) & t_masked).sum())
         q = decoder.tokenizer.quantizer
         true_vec = q.lookup(t_truth)
         expected = (probs @ q.normalized_codebook()).permute(0, 3, 1, 2)
-        vectors = {"nearest": q.lookup(nearest), "mode": q.lookup(torch.full_like(t_truth, decoder.mode_token)),
-                   "predicted": q.lookup(top5[..., 0]), "expected": expected,
-                   "bpcg_blend": blend * expected + (1 - blend) * q.lookup(nearest)}
+        vectors = {"nearest": nearest.latent, "mode": mode.latent, "predicted": q.lookup(top5[..., 0]),
+                   "expected": expected, "bpcg_blend": fill("bpcg").latent}
         for name, vec in vectors.items():
             cos = torch.nn.functional.cosine_similarity(vec, true_vec, dim=1)
             out[f"cos_{name}"] = float(cos[t_masked].sum())
@@ -131,8 +138,6 @@ VARIANT_LABELS = {
 def equal_bits(ctx) -> tuple[list[dict], dict]:
     from mridc.edge import mlm
 
-    from .ablation import FIGURE_IMAGES
-
     args = ctx.args
     bpps = [float(b) for b in args.bpcg_bpp.split(",") if b.strip()]
     curve_bpps = [float(b) for b in args.curve_bpp.split(",") if b.strip()]
@@ -141,7 +146,7 @@ def equal_bits(ctx) -> tuple[list[dict], dict]:
     want_figure = not args.no_figures
     avif = None
     if args.avif_table or want_figure:
-        from . import codecs as classical
+        from mridc.lab import codecs as classical
 
         reason = classical.availability("avif-obu")
         avif = None if reason else classical.make_codec("avif-obu")
@@ -168,7 +173,7 @@ def equal_bits(ctx) -> tuple[list[dict], dict]:
             decodes = ctx.decode_many(res.bitstream, [(f, r) for _, f, r in todo], seed=args.seed)
             for name, fill, realism in todo:
                 decoded, stages = decodes[(fill, realism)]
-                m = ctx.meter.measure(item, decoded, niqe=True)
+                m = ctx.meter.measure_image(item, decoded, niqe=True)
                 records.append({**base, "variant": name, "fill": fill, "realism": realism, "status": "ok",
                                 "bytes": len(res.bitstream), "bpp": res.bpp, "keep_ratio": res.keep_ratio,
                                 "decode_s": sum(stages.values()), **stages, **m})
@@ -178,7 +183,7 @@ def equal_bits(ctx) -> tuple[list[dict], dict]:
                 budget_bits = 8 * base["target_bytes"]
                 try:
                     payload, decoded, info = avif.encode(item.image, budget_bits)
-                    m = ctx.meter.measure(item, decoded, niqe=True)
+                    m = ctx.meter.measure_image(item, decoded, niqe=True)
                     if args.avif_table:  # figure-only encodes stay out of the tables (a subset of the images)
                         records.append({**base, "variant": "avif", "status": "ok", "bytes": len(payload),
                                         "bpp": info["bpp"], "downscale": info["downscale"],
@@ -197,8 +202,6 @@ def equal_bits(ctx) -> tuple[list[dict], dict]:
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    from .ablation import count_of, mean_of
-
     out = []
     order = ["nearest-r0", "bpcg-r0", "maskgit-r0"]
     names = sorted({r["variant"] for r in records if r["variant"] != "all"},
@@ -250,17 +253,6 @@ def _rss_mb() -> float | None:
     return None
 
 
-def _peak_mb() -> float:
-    """Peak RSS of this process: VmHWM (ru_maxrss after fork + exec can carry the parent's peak on Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def stage_timing(stream: bytes, models_dir: str | None, repeats: int = 3, threads: int = 2) -> dict:
     """Median seconds per decode stage for each setting; peak RSS. Run it in a fresh process (see main)."""
     import torch
@@ -270,7 +262,7 @@ def stage_timing(stream: bytes, models_dir: str | None, repeats: int = 3, thread
     torch.set_num_threads(threads)
     rss_start = _rss_mb()
     t0 = time.perf_counter()
-    decoder = MRIDCDecoder.from_pretrained(models_dir=models_dir, device="cpu")
+    decoder = MRIDCDecoder.from_models(models_dir=models_dir, device="cpu")
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     configs = [("default (bpcg, realism 0.5, 8 steps)", DecodeSettings()),
@@ -287,35 +279,31 @@ def stage_timing(stream: bytes, models_dir: str | None, repeats: int = 3, thread
                 t = [time.perf_counter()]
                 frame = decoder.validate(stream)
                 t.append(time.perf_counter())
-                latent, trust, _tokens = decoder.complete_latent([frame], s)
+                completion = decoder.complete([frame], s)
                 t.append(time.perf_counter())
-                decoded = decoder.tokenizer.decoder(latent).clamp(-1, 1)
+                decoded = decoder.decode_latent(completion.latent)
                 t.append(time.perf_counter())
-                if decoder.diffusion is not None and s.realism > 0:
-                    decoded = decoder.diffusion(decoded, trust, s.realism, steps=s.steps, seed=s.seed)
+                decoded = decoder.refine(decoded, completion.trust, s)
                 t.append(time.perf_counter())
-                pixels = ((decoded.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-                _ = np.ascontiguousarray(pixels[0, : frame.height, : frame.width])
+                decoder.to_images(decoded, [frame])
                 t.append(time.perf_counter())
                 if i or results:
                     runs.append(np.diff(t))
         med = np.median(np.stack(runs), axis=0)
-        results.append({"setting": label, "fill": s.fill, "realism": s.realism, "steps": s.steps,
+        results.append({"setting": label, "fill": s.fill or decoder.default_fill, "realism": s.realism, "steps": s.steps,
                         "parse_s": med[0], "token_completion_s": med[1], "tokenizer_decode_s": med[2],
                         "diffusion_s": med[3], "to_pixels_s": med[4], "total_s": float(med.sum()),
                         "runs": repeats})
         if peak_default is None:
-            peak_default = _peak_mb()
+            peak_default = peak_rss_mib()
     return {"frame": [frame.width, frame.height], "grid": [frame.grid_h, frame.grid_w],
             "keep_ratio": float(frame.keep_mask.mean()), "stream_bytes": len(stream), "torch_threads": threads,
             "model_load_s": load_s, "rss_start_mb": rss_start, "rss_after_load_mb": rss_loaded,
-            "peak_rss_default_mb": peak_default, "peak_rss_all_mb": _peak_mb(), "stages": results}
+            "peak_rss_default_mb": peak_default, "peak_rss_all_mb": peak_rss_mib(), "stages": results}
 
 
 def timing(ctx) -> dict | None:
     """Encode a 768x512 frame at 0.02 bpp and time its decode in a fresh process (clean peak RSS)."""
-    from .ablation import fit_frame
-
     repeats = int(ctx.args.timing_repeats)
     if repeats <= 0:
         return None
@@ -352,7 +340,6 @@ def timing(ctx) -> dict | None:
 
 # ---- 5. figures -------------------------------------------------------------------------------------
 def side_by_side(data: dict, stride: int, out: Path) -> Path:
-    from .ablation_mlm import masked_view
     from .plots import _pyplot
 
     plt = _pyplot()
@@ -433,8 +420,6 @@ def pd_curve(summary: list[dict], curve_bpps: list[float], out: Path) -> Path | 
 
 # ---- the part -----------------------------------------------------------------------------------------
 def run(ctx) -> dict:
-    from .ablation import finite
-
     args = ctx.args
     t0 = time.perf_counter()
     tokens = token_accuracy(ctx)
@@ -474,8 +459,6 @@ def run(ctx) -> dict:
 
 
 def render_markdown(result: dict) -> str:
-    from .ablation import fmt, table
-
     lines = ["## BPCG (issue 6)\n", "### Token prediction accuracy on masked tokens\n",
              ("Pooled over all masked tokens of the eval images. `predictor`: one pass of the bidirectional "
               "transformer; `maskgit`: top-1 of the final MaskGIT fill ("
@@ -546,8 +529,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default=None)
     args = p.parse_args(argv)
     result = stage_timing(Path(args.stage_timing).read_bytes(), args.models_dir, args.repeats, args.threads)
-    from .ablation import finite
-
     print(json.dumps(finite(result)))
     return 0
 

@@ -1,8 +1,8 @@
 """MLM ablation (issue 5): which tokens to send, at equal bytes.
 
 Four masking policies, each rate-controlled to the same byte budget by the same search over the kept-token
-count (``mlm.fit_to_budget``: the largest count whose real ``EdgeEncoder.pack`` stream fits, static token
-coder during the search, then the adaptive coder if it is smaller, exactly as ``EdgeEncoder.encode``):
+count (``EdgeEncoder.rate.fit``: the largest count whose real stream fits, static token coder during the
+search, then the adaptive coder if it is smaller, exactly as ``EdgeEncoder.encode``):
 
 - ``map``: the shipped map-guided masking (key regions first, one anchor per 4x4 block, then priority);
 - ``map-no-anchors``: the same with ``MaskingConfig(anchor_spacing=0)``;
@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from .ablation_common import FIGURE_IMAGES, count_of, finite, fmt, masked_view, mean_of, table
+
 METHODS = ("map", "map-no-anchors", "random", "checkerboard")
 
 
@@ -34,15 +36,11 @@ def equal_bytes_stream(encoder, frame_shape: tuple[int, int], tokens: np.ndarray
 
     Raises ValueError when not even the empty stream fits."""
     from mridc.edge import mlm
+    from mridc.edge.masking import MapGuidedSelection
 
-    config = config or mlm.MaskingConfig(anchor_spacing=0, protect_key_regions=False)
-    h, w = frame_shape
-    keep, stream, _info = mlm.fit_to_budget(
-        tokens, priority, key_mask, target_bytes,
-        lambda m: encoder.pack((h, w), tokens, m, 0, token_coder="static"), config,
-        token_bits=encoder.token_bits_table[tokens])
-    best = encoder.pack((h, w), tokens, keep, 0, token_coder="auto")
-    return keep, (best if len(best) <= len(stream) else stream)
+    policy = MapGuidedSelection(config or mlm.MaskingConfig(anchor_spacing=0, protect_key_regions=False))
+    keep, stream, _info = encoder.rate.fit(frame_shape, tokens, policy.order(priority, key_mask), target_bytes)
+    return keep, stream
 
 
 def random_priority(grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -54,20 +52,9 @@ def checkerboard_priority(grid: tuple[int, int]) -> np.ndarray:
     return np.zeros(grid, np.float32)
 
 
-def masked_view(image: np.ndarray, keep: np.ndarray, stride: int, grey: int = 128) -> np.ndarray:
-    """``image`` with the pixels of masked tokens set to grey (cropped to the image)."""
-    h, w = image.shape[:2]
-    up = np.repeat(np.repeat(keep, stride, axis=0), stride, axis=1)[:h, :w]
-    out = image.copy()
-    out[~up] = grey
-    return out
-
-
 # ---- the run -----------------------------------------------------------------------------------------
 def run(ctx) -> dict:
     from mridc.edge import mlm
-
-    from .ablation import FIGURE_IMAGES, finite
 
     args = ctx.args
     bpps = [float(b) for b in args.mlm_bpp.split(",") if b.strip()]
@@ -109,7 +96,7 @@ def run(ctx) -> dict:
                     t0 = time.perf_counter()
                     decoded, _ = ctx.decode(stream, **settings)
                     decode_s = time.perf_counter() - t0
-                    m = ctx.meter.measure(item, decoded)
+                    m = ctx.meter.measure_image(item, decoded)
                     n_key = int(key_mask.sum())
                     m.update(bytes=len(stream), bpp=len(stream) * 8 / (w * h), keep_ratio=float(keep.mean()),
                              kept=int(keep.sum()), key_tokens=n_key,
@@ -128,7 +115,7 @@ def run(ctx) -> dict:
               file=sys.stderr)
     result = {
         "settings": {"bpp": bpps, "methods": list(METHODS), "random_masks_per_point": seeds,
-                     "decode": settings, "masking_default": ctx.encoder().masking.to_dict()},
+                     "decode": settings, "masking_default": ctx.encoder().priority.config.to_dict()},
         "records": finite(records),
     }
     result["summary"] = summarise(records)
@@ -148,8 +135,6 @@ SUMMARY_KEYS = ("bpp", "keep_ratio", "psnr", "ms_ssim", "perceptual", "key_psnr"
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    from .ablation import count_of, mean_of
-
     out = []
     sets = sorted({r["set"] for r in records})
     for bpp in sorted({r["target_bpp"] for r in records}):
@@ -194,8 +179,6 @@ def wins(records: list[dict], reference: str = "map") -> list[dict]:
 
 
 def render_markdown(result: dict) -> str:
-    from .ablation import fmt, table
-
     s = result["settings"]
     lines = ["## MLM: masking policy at equal bytes (issue 5)\n",
              (f"Rates {', '.join(f'{b:g}' for b in s['bpp'])} bpp; every method rate-controlled to the same byte "

@@ -6,9 +6,6 @@ two ways to add one:
 - write a module that defines ``HELP``, ``add_arguments`` and ``run``, and list it in ``BUILTIN_MODULES``
   (one line; the module may live next to its feature, e.g. ``mridc.edge.bench``);
 - or call ``register(Subcommand(...))`` before ``main()`` runs (tests, plugins).
-
-A listed module that does not exist yet gets a stub that says so and exits with status 2. It never prints
-numbers.
 """
 
 from __future__ import annotations
@@ -51,21 +48,8 @@ def register(sub: Subcommand, replace: bool = False) -> Subcommand:
     return sub
 
 
-def _unavailable(name: str, module: str, why: str) -> Subcommand:
-    def run(_args: argparse.Namespace) -> int:
-        print(f"mridc-bench {name}: not available yet ({why})", file=sys.stderr)
-        return 2
-
-    return Subcommand(name, f"(not available yet: {module})", lambda _p: None, run)
-
-
 def load_builtin(name: str, module: str) -> Subcommand:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            return _unavailable(name, module, f"module {module} is not written yet")
-        raise
+    mod = importlib.import_module(module)
     return Subcommand(name, getattr(mod, "HELP", ""), mod.add_arguments, mod.run)
 
 

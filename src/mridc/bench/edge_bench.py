@@ -8,7 +8,7 @@ MLM priority map + mask selection + entropy coding), over every timing frame and
 
 The ONNX int8 worker then times, interleaved in the same process (so under the same machine load), the
 MRIDC encode and Pillow's JPEG, WebP and AVIF encoders on the same frames: at full size with each
-encoder's default settings (AVIF: speed 6, 1 thread), and at the setting ``bench/codecs.py`` picks for the
+encoder's default settings (AVIF: speed 6, 1 thread), and at the setting ``lab/codecs.py`` picks for the
 same bit budget (downscale + quality; the Lanczos downscale is counted). Ratios are MRIDC / codec.
 
 Token agreement: every backend's token grid against torch fp32 on the evaluation set. Tokenizer quality:
@@ -24,8 +24,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mridc.lab.provenance import (
+    json_default,
+    load_1min,
+    machine,
+    peak_rss_mib,
+    ru_maxrss_mib,
+    write_json_atomic,
+)
 
 HELP = "edge encoder latency, peak RSS and model size per backend (1 thread) vs JPEG/WebP/AVIF; tokenizer quality"
 FRAME_SIZE = (768, 512)  # width, height
@@ -89,14 +96,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def timing_frames(specs, count: int, size: tuple[int, int] = FRAME_SIZE) -> tuple[list[str], list[np.ndarray]]:
-    from .datasets import resolve
+    from mridc.lab.datasets import resolve
 
     items = resolve(specs, max_side=0, limit=count)
     return [i.name for i in items], [cover_crop(i.image, *size) for i in items]
-
-
-def load_1min() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def median_ms(values) -> float | None:
@@ -107,10 +110,10 @@ def median_ms(values) -> float | None:
 # ---- classical encoders at fixed settings (what the camera would run instead) ----------------------------
 def classical_encoders(bpp: float, frame: np.ndarray) -> dict[str, dict]:
     """name -> {"fn": frame -> bytes, "settings": ...}: Pillow defaults at full size, and the low-rate setting
-    that ``bench/codecs.py`` picks for ``bpp`` on this frame (downscale counted)."""
+    that ``lab/codecs.py`` picks for ``bpp`` on this frame (downscale counted)."""
     from PIL import Image
 
-    from . import codecs as classical
+    from mridc.lab import codecs as classical
 
     defaults = {
         "jpeg": ("JPEG", {"quality": 75}),
@@ -156,9 +159,9 @@ def worker(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     from mridc.edge.encoder import EdgeEncoder
 
-    encoder = EdgeEncoder(models_dir=args.models_dir, backend=args.worker, threads=args.threads)
+    encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend=args.worker, threads=args.threads)
     rec["load_s"] = round(time.perf_counter() - t0, 3)
-    rec["rss_after_load_mib"] = _maxrss_mib()
+    rec["rss_after_load_mib"] = round(peak_rss_mib(), 1)
     for _ in range(args.warmup):
         encoder.encode(frames[0], bpp=args.bpp)
     stages: dict[str, list[float]] = {}
@@ -178,12 +181,12 @@ def worker(args: argparse.Namespace) -> dict:
     rec["median_ms"] = {k: median_ms(v) for k, v in stages.items()}
     rec["p90_ms"] = {k: round(float(np.percentile(v, 90)) * 1000, 3) for k, v in stages.items()}
     rec["bytes_median"] = int(statistics.median(sizes))
-    rec["peak_rss_mib"] = _maxrss_mib()  # after the timed runs, before anything else runs in this process
-    rec["ru_maxrss_mib"] = _ru_maxrss_mib()  # includes the launching process's peak (see _maxrss_mib)
+    rec["peak_rss_mib"] = round(peak_rss_mib(), 1)  # after the timed runs, before anything else runs in this process
+    rec["ru_maxrss_mib"] = round(ru_maxrss_mib(), 1)  # includes the launching process's peak (see peak_rss_mib)
 
     if args.tokens_out:
         evald = np.load(args.eval_npz)
-        tokens = {k: encoder.tokenize(evald[k])[1] for k in evald.files}
+        tokens = {k: encoder.tokens(evald[k]) for k in evald.files}
         np.savez(args.tokens_out, **tokens)
 
     if args.classical:
@@ -230,27 +233,6 @@ def interleaved_timing(encoder, frames: list[np.ndarray], args) -> dict:
     return out
 
 
-def _maxrss_mib() -> float:
-    """Peak RSS of this process image (VmHWM).
-
-    ``getrusage(RUSAGE_SELF).ru_maxrss`` survives fork + exec on Linux (the kernel keeps the larger of the
-    parent's high-water mark and the child's), so in a worker started by a big parent it reports the parent.
-    VmHWM belongs to the memory map created at exec, so it is the worker's own peak; ``ru_maxrss`` is kept
-    beside it in the JSON. Falls back to ``ru_maxrss`` where /proc is missing.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return _ru_maxrss_mib()
-
-
-def _ru_maxrss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
 def run_worker(backend: str, args, work: Path, classical: bool, tokens: bool) -> dict:
     cmd = [sys.executable, "-m", "mridc.bench.edge_bench", "--worker", backend,
            "--frames-npz", str(work / "frames.npz"), "--eval-npz", str(work / "eval.npz"),
@@ -275,7 +257,7 @@ def run_worker(backend: str, args, work: Path, classical: bool, tokens: bool) ->
 
 def baseline_rss_mib() -> float | None:
     """Peak RSS of a process that imports the edge package and does nothing: the floor under every backend."""
-    code = "import mridc.edge.encoder, mridc.bench.edge_bench as m; print(m._maxrss_mib())"
+    code = "import mridc.edge.encoder, mridc.bench.edge_bench, mridc.lab.provenance as p; print(round(p.peak_rss_mib(), 1))"
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     return float(proc.stdout.strip()) if proc.returncode == 0 else None
 
@@ -306,13 +288,12 @@ def tokenizer_quality(eval_items, args) -> dict:
 
     from mridc.cloud.pipeline import MRIDCDecoder
     from mridc.edge.encoder import EdgeEncoder
-
-    from . import codecs as classical
-    from .metrics import ms_ssim, psnr
-    from .perceptual import PerceptualDistance
+    from mridc.lab import codecs as classical
+    from mridc.lab.metrics import ms_ssim, psnr
+    from mridc.lab.perceptual import PerceptualDistance
 
     torch.set_num_threads(max(1, args.decode_threads))
-    encoder = EdgeEncoder(models_dir=args.models_dir, backend="onnx", threads=args.threads)
+    encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", threads=args.threads)
     decoder = MRIDCDecoder.from_pretrained(models_dir=args.models_dir, device="cpu")
     perceptual = PerceptualDistance(weights=args.perceptual_weights)
     names = [c for c in args.quality_codecs.split(",") if c]
@@ -534,7 +515,7 @@ def verdict(doc: dict) -> list[str]:
 
 
 def run(args) -> int:
-    from .datasets import resolve
+    from mridc.lab.datasets import resolve
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -605,35 +586,7 @@ def command_line() -> str:
 
 
 def _write(out: Path, doc: dict) -> None:
-    tmp = out / "edge.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
-    tmp.replace(out / "edge.json")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")).split()[1])
-        mem = f", {kb / 1024 / 1024:.0f} GB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    write_json_atomic(out / "edge.json", doc)
 
 
 def _worker_main(argv=None) -> int:
@@ -650,7 +603,7 @@ def _worker_main(argv=None) -> int:
     p.add_argument("--models-dir", default=None)
     args = p.parse_args(argv)
     rec = worker(args)
-    print(json.dumps(rec, default=_json_default))
+    print(json.dumps(rec, default=json_default))
     return 0
 
 

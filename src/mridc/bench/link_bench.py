@@ -8,7 +8,7 @@ one frame is: encode on the camera (measured live, 1 thread) + link (send -> the
 camera keeps it open.
 
 MRIDC is encoded at ``--bpp`` (0.02) and decoded at ``--realism`` (0.5). For each classical codec the file
-sent is its smallest one whose perceptual distance (MNv2-LPIPS, ``bench/perceptual.py``) to the frame is at
+sent is its smallest one whose perceptual distance (MNv2-LPIPS, ``lab/perceptual.py``) to the frame is at
 most MRIDC's, found over quality x downscale (a geometric ladder of byte budgets up to ``--max-bpp``, then
 bisection). When no setting in that range reaches MRIDC's distance, the codec sends its perceptually best
 file at MRIDC's byte count instead; the JSON says which (``match``).
@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import math
 import os
-import queue
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .edge_bench import command_line, cover_crop, load_1min, machine, parse_size
+from mridc.lab.provenance import load_1min, machine, write_json_atomic
+
+from .edge_bench import command_line, cover_crop, parse_size
 
 HELP = "capture-to-decoded time of one 768x512 frame over emulated 9.6/64 kbit/s links: MRIDC vs JPEG/WebP/AVIF"
 MATCH_FACTORS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -75,7 +74,7 @@ class _Explorer:
         self.seen: dict[tuple[float, int], dict] = {}
 
     def best_at(self, budget_bits: int) -> dict | None:
-        from .codecs import upscale
+        from mridc.lab.codecs import upscale
 
         h, w = self.frame.shape[:2]
         best = None
@@ -132,56 +131,25 @@ def match_codec(codec, frame: np.ndarray, target: float, ref_bytes: int, max_byt
 
 
 # ---- the wire: edge MQTT transport -> link emulator -> mosquitto -> receiver ---------------------------------
-class Receiver:
-    """The cloud side: subscribed to every device's frames topic, directly at the broker."""
-
-    def __init__(self, host: str, port: int):
-        import paho.mqtt.client as mqtt
-
-        self.inbox: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="mridc-link-bench-receiver",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe("mridc/v1/+/frames", qos=1)
-        self.client.on_subscribe = lambda *_: self._ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        self.client.loop_start()
-        if not self._ready.wait(10):
-            raise RuntimeError("receiver could not subscribe at the broker")
-
-    def _on_message(self, client, userdata, message) -> None:
-        self.inbox.put((time.monotonic(), message.payload))
-
-    def get(self, timeout: float) -> tuple[float, object]:
-        from mridc.v1 import mridc_pb2
-
-        arrived, payload = self.inbox.get(timeout=timeout)
-        return arrived, mridc_pb2.FrameEnvelope.FromString(payload)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def envelope(device_id: str, sequence: int, payload: bytes, model_id: int, codec: str):
-    from mridc.v1 import mridc_pb2
+    from mridc.shared.protocol import build_envelope
 
-    return mridc_pb2.FrameEnvelope(device_id=device_id, sequence=sequence, capture_time_us=int(time.time() * 1e6),
-                                   bitstream=payload, content_hash=hashlib.sha256(payload).digest(),
-                                   model_id=model_id, meta={"codec": codec})
+    return build_envelope(device_id, sequence, payload, model_id, meta={"codec": codec})
 
 
 def run_link(rate_bps: float, latency_ms: float, broker, items: list[dict], frame: np.ndarray, args,
              seq_start: int = 0) -> dict:
+    from mridc.cloud.service.receiver import MqttReceiver
     from mridc.edge.transport import open_transport
-    from mridc.firmware_sim.link import LinkEmulator
+    from mridc.lab.link import LinkEmulator
 
     device_id = f"linkbench-{int(rate_bps)}"
     rows = []
     seq = seq_start
     with LinkEmulator((broker.host, broker.port), up_bps=rate_bps, down_bps=rate_bps, latency_ms=latency_ms) as link:
-        receiver = Receiver(broker.host, broker.port)
+        # The cloud side, subscribed directly at the broker; it sends no acks, which would share the link.
+        receiver = MqttReceiver(broker.port, host=broker.host, client_id="mridc-link-bench-receiver",
+                                send_acks=False, session_expiry_s=None).start()
         transport = open_transport(f"mqtt://127.0.0.1:{link.port}", device_id)
         transport.start()
         t = time.monotonic()
@@ -202,7 +170,7 @@ def run_link(rate_bps: float, latency_ms: float, broker, items: list[dict], fram
                     seq += 1
                     if not transport.send(envelope(device_id, seq, payload, item["model_id"], item["codec"])):
                         raise RuntimeError("transport refused the frame (not connected)")
-                    arrived, env = receiver.get(timeout)
+                    arrived, env = receiver.next_arrival(timeout)
                     t2 = time.monotonic()
                     decoded = item["decode"](bytes(env.bitstream))
                     t3 = time.monotonic()
@@ -218,7 +186,7 @@ def run_link(rate_bps: float, latency_ms: float, broker, items: list[dict], fram
                 for _ in range(n_burst):
                     seq += 1
                     transport.send(envelope(device_id, seq, item["payload"], item["model_id"], item["codec"]))
-                arrivals = [receiver.get(timeout * n_burst)[0] for _ in range(n_burst)]
+                arrivals = [receiver.next_arrival(timeout * n_burst)[0] for _ in range(n_burst)]
                 interval = (arrivals[-1] - arrivals[0]) / (n_burst - 1)
                 med = {k: statistics.median(s[k] for s in singles) for k in ("encode_s", "link_s", "decode_s",
                                                                              "total_s")}
@@ -238,7 +206,7 @@ def run_link(rate_bps: float, latency_ms: float, broker, items: list[dict], fram
                       f"{rows[-1]['fpm']:.1f} frames/min", file=sys.stderr, flush=True)
         finally:
             transport.close()
-            receiver.close()
+            receiver.stop()
     return {"rate_bps": rate_bps, "latency_ms": latency_ms, "connect_s": round(connect_s, 3),
             "link_stats": dict(link.stats), "rows": rows, "last_seq": seq}
 
@@ -316,12 +284,11 @@ def run(args) -> int:
 
     from mridc.cloud.pipeline import MRIDCDecoder
     from mridc.edge.encoder import EdgeEncoder
-    from mridc.firmware_sim.broker import MosquittoBroker
-
-    from . import codecs as classical
-    from .datasets import resolve
-    from .metrics import ms_ssim, psnr
-    from .perceptual import PerceptualDistance
+    from mridc.lab import codecs as classical
+    from mridc.lab.broker import MosquittoBroker
+    from mridc.lab.datasets import resolve
+    from mridc.lab.metrics import ms_ssim, psnr
+    from mridc.lab.perceptual import PerceptualDistance
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +298,7 @@ def run(args) -> int:
     item = items[min(args.image_index, len(items) - 1)]
     frame = cover_crop(item.image, *parse_size(args.size))
     h, w = frame.shape[:2]
-    encoder = EdgeEncoder(models_dir=args.models_dir, backend="onnx", threads=args.threads)
+    encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", threads=args.threads)
     decoder = MRIDCDecoder.from_pretrained(models_dir=args.models_dir, device="cpu")
     perceptual = PerceptualDistance(weights=args.perceptual_weights)
 
@@ -414,6 +381,4 @@ def run(args) -> int:
 
 
 def _write(out: Path, doc: dict) -> None:
-    tmp = out / "link.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-    tmp.replace(out / "link.json")
+    write_json_atomic(out / "link.json", doc, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

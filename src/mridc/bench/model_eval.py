@@ -29,15 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mridc.bench.datasets import resolve
-    from mridc.bench.metrics import ms_ssim, psnr
     from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder, nearest_kept_fill
     from mridc.edge.encoder import EdgeEncoder
+    from mridc.lab.datasets import resolve
+    from mridc.lab.metrics import ms_ssim, psnr
 
     torch.set_num_threads(2)
     images = resolve(args.images, max_side=args.max_side, vtest_stride=args.vtest_stride)
-    encoder = EdgeEncoder(args.models, backend="torch")
-    decoder = MRIDCDecoder.from_pretrained(args.models)
+    encoder = EdgeEncoder.from_bundle(args.models, backend="torch")
+    decoder = MRIDCDecoder.from_models(args.models)
     K = decoder.codebook_size
     counts = np.zeros(K, np.int64)
     rows = []

@@ -1,7 +1,7 @@
 """``mridc-bench rd``: rate-distortion-perception of MRIDC against JPEG, WebP, AVIF and JPEG XL.
 
 For every image, codec and target bpp: encode under the budget (classical codecs search quality and
-downscale factor; see ``bench/codecs.py``), decode, and measure PSNR, MS-SSIM, the perceptual distance,
+downscale factor; see ``lab/codecs.py``), decode, and measure PSNR, MS-SSIM, the perceptual distance,
 NIQE and PSNR inside ROIs. Writes ``rd.json`` (every measurement, rewritten after each image so a stopped
 run keeps what it measured), ``plots/*.png`` (bpp vs each metric per set, one curve per codec) and
 ``report.html`` (tables, plots, side-by-side crops).
@@ -14,17 +14,20 @@ import datetime as _dt
 import html
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from mridc.lab.meter import ALL_METRICS, Meter
+from mridc.lab.provenance import machine, package_versions, write_json_atomic
+
 HELP = "rate-distortion-perception curves: MRIDC vs JPEG/WebP/AVIF/JPEG XL under bit budgets"
 DEFAULT_BPP = "0.01,0.015,0.02,0.03,0.05"
 DEFAULT_CODECS = "mridc,jpeg,webp,avif,avif-obu,jxl"
-ALL_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi")
+# The versions that move rate-distortion numbers: the classical codecs, the metrics, the decoder runtime.
+RD_PACKAGES = ("pillow", "pillow-jxl-plugin", "numpy", "torch", "pytorch-msssim", "scipy")
 SUMMARY_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi_psnr")
 
 
@@ -92,7 +95,7 @@ def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int,
     except ImportError as exc:
         return [], f"mridc skipped: encoder/decoder modules not importable yet ({exc})"
     try:
-        encoder = EdgeEncoder(models_dir=models_dir)
+        encoder = EdgeEncoder.from_bundle(models_dir=models_dir)
         decoder = MRIDCDecoder.from_pretrained(models_dir=models_dir, device="cpu")
     except Exception as exc:  # noqa: BLE001  (missing or incompatible models: any cause means skip, said aloud)
         return [], f"mridc skipped: models not loadable ({type(exc).__name__}: {exc})"
@@ -100,7 +103,7 @@ def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int,
 
 
 def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
-    from . import codecs as classical
+    from mridc.lab import codecs as classical
 
     out, skipped = [], {}
     for name in names:
@@ -127,44 +130,6 @@ def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
 
 
 # ---- measurements -------------------------------------------------------------------------------------
-class Meter:
-    def __init__(self, metrics: set[str], perceptual_weights: str | None):
-        self.metrics = metrics
-        self.perceptual = None
-        self.perceptual_name = None
-        if "perceptual" in metrics:
-            from .perceptual import PerceptualDistance
-
-            self.perceptual = PerceptualDistance(weights=perceptual_weights)
-            self.perceptual_name = self.perceptual.name
-
-    def niqe(self, image: np.ndarray) -> float | None:
-        from .niqe import niqe
-
-        try:
-            return niqe(image)
-        except ValueError:  # too small for 96-px blocks
-            return None
-
-    def measure(self, ref: np.ndarray, dec: np.ndarray, boxes: list) -> dict:
-        from . import metrics as m
-
-        out: dict = {}
-        if "psnr" in self.metrics:
-            out["psnr"] = m.psnr(ref, dec)
-        if "ms_ssim" in self.metrics:
-            out["ms_ssim"] = m.ms_ssim(ref, dec)
-        if self.perceptual is not None:
-            out["perceptual"] = self.perceptual(ref, dec)
-        if "niqe" in self.metrics:
-            out["niqe"] = self.niqe(dec)
-        if "roi" in self.metrics and boxes:
-            roi = m.roi_metrics(ref, dec, boxes)
-            out.update({k: roi[k] for k in ("roi_psnr", "roi_psnr_mean", "roi_ms_ssim_mean", "outside_psnr",
-                                             "roi_fraction")})
-        return out
-
-
 def detail_crop(image: np.ndarray, size: int, boxes: list) -> list[int]:
     """A crop box: around the largest ROI if any, else the window with the most gradient energy."""
     height, width = image.shape[:2]
@@ -227,8 +192,8 @@ def summarise(records: list[dict], images: list[dict]) -> list[dict]:
 def run(args) -> int:
     import torch
 
-    from . import codecs as classical
-    from .datasets import resolve
+    from mridc.lab import codecs as classical
+    from mridc.lab.datasets import resolve
 
     out = Path(args.out)
     if args.replot:
@@ -256,9 +221,8 @@ def run(args) -> int:
     meta = {
         "command": "mridc-bench rd " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["rd"] else " ".join(sys.argv),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cpu_count()} cores, "
-                   f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": package_versions(RD_PACKAGES, image_libraries=True),
         "bpp_targets": bpps, "select": args.select, "max_side": args.max_side,
         "perceptual": meter.perceptual_name,
         "codecs": {getattr(c, "name", "?"): getattr(c, "label", "") for c in codec_list},
@@ -352,42 +316,8 @@ def _write_json(out: Path, meta, skipped, image_meta, records, crops) -> list[di
     crops_rel = [{**c, "path": Path(c["path"]).relative_to(out).as_posix()} for c in crops]
     doc = {"meta": meta, "skipped": skipped, "images": image_meta, "summary": summary, "records": records,
            "crops": crops_rel}
-    tmp = out / "rd.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=True))
-    tmp.replace(out / "rd.json")
+    write_json_atomic(out / "rd.json", doc)
     return summary
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("pillow", "pillow-jxl-plugin", "numpy", "torch", "pytorch-msssim", "scipy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        from PIL import features
-
-        out["libavif"] = features.version("avif")
-        out["libwebp"] = features.version("webp")
-        out["libjpeg"] = features.version("jpg")
-    except (ImportError, AttributeError):
-        pass
-    return out
 
 
 # ---- Markdown tables ---------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ machine they take CPU from the workers; the JSON records the machine's CPU count
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import os
@@ -32,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mridc.shared.protocol import acks_topic, build_envelope, frames_topic
 from mridc.v1 import mridc_pb2
 
 MODES = {
-    "transport": {"decoder": "mridc.cloud.service.testing:make_token_paint_decoder", "realism": 0.0},
+    "transport": {"decoder": "mridc.lab.synthetic:make_token_paint_decoder", "realism": 0.0},
     "cheap": {"decoder": "mridc", "realism": 0.0},
     "full": {"decoder": "mridc", "realism": 1.0},
 }
@@ -44,17 +44,17 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- streams --------------------------------------------------------------------------------------------------
 def transport_streams(count: int = 16) -> list[bytes]:
-    from mridc.cloud.service.testing import make_stream
+    from mridc.lab.synthetic import synthetic_stream
 
-    return [make_stream("bench", i) for i in range(count)]
+    return [synthetic_stream(f"bench/{i}") for i in range(count)]
 
 
 def real_streams(count: int = 8, bpp: float = 0.02, models_dir=None) -> list[bytes]:
     """MRD streams from the edge encoder on the eval photos (what a camera would send)."""
-    from mridc.bench.datasets import photos_eval
     from mridc.edge.encoder import EdgeEncoder
+    from mridc.lab.datasets import photos_eval
 
-    encoder = EdgeEncoder(models_dir=models_dir)
+    encoder = EdgeEncoder.from_bundle(models_dir=models_dir)
     images = photos_eval()[:count]
     if not images:
         raise RuntimeError("no eval photos found for the benchmark streams")
@@ -131,7 +131,7 @@ class Fleet:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
 
             def on_connect(c, u, f, rc, p, device=device):
-                c.subscribe(f"mridc/v1/{device}/acks", qos=1)
+                c.subscribe(acks_topic(device), qos=1)
 
             client.on_connect = on_connect
             client.on_subscribe = lambda *a: ready.release()
@@ -153,12 +153,10 @@ class Fleet:
     def send(self, index: int, sequence: int) -> None:
         device, client = self.clients[index]
         stream = self.streams[(index + sequence) % len(self.streams)]
-        envelope = mridc_pb2.FrameEnvelope(device_id=device, sequence=sequence,
-                                           capture_time_us=time.time_ns() // 1000, bitstream=stream,
-                                           content_hash=hashlib.sha256(stream).digest(), model_id=self.model_id)
+        envelope = build_envelope(device, sequence, stream, self.model_id)
         with self.lock:
             self.sent[(device, sequence)] = time.monotonic()
-        client.publish(f"mridc/v1/{device}/frames", envelope.SerializeToString(), qos=1)
+        client.publish(frames_topic(device), envelope.SerializeToString(), qos=1)
 
     def run(self, interval_s: float, duration_s: float, seed: int = 0) -> None:
         rng = random.Random(seed)
@@ -218,7 +216,7 @@ def run_once(out_dir: Path, *, mode_name: str, workers: int, devices: int, inter
              streams: list[bytes], queue_size: int, batch_size: int, drain_timeout_s: float, models_dir=None,
              device: str = "cpu", seed: int = 0) -> dict:
     from mridc.cloud.service.store import FrameStore
-    from mridc.firmware_sim.broker import MosquittoBroker, free_port
+    from mridc.lab.broker import MosquittoBroker, free_port
 
     run_dir = out_dir / f"{mode_name}-w{workers}"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def cmd_decode(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        decoder = MRIDCDecoder.from_pretrained(args.models, device=args.device)
+        decoder = MRIDCDecoder.from_models(args.models, device=args.device)
     except ModelFileError as exc:
         raise InvalidInput(str(exc)) from exc
     t0 = time.perf_counter()
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realism", type=float, default=0.5, help="0 = fidelity (no diffusion) .. 1 = full diffusion")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pixels")
     p.add_argument("--steps", type=int, help="diffusion DDIM steps at realism 1 (default 8)")
-    p.add_argument("--fill", default="bpcg", help="masked-token completion: bpcg, maskgit, nearest, mode")
+    p.add_argument("--fill", default="bpcg", help="masked-token completion: bpcg, maskgit, nearest, mode "
+                                                  "(mridc.cloud.pipeline.FILLS)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--models", help="models folder (default: $MRIDC_MODELS or the repository's models/)")

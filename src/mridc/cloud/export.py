@@ -1,10 +1,12 @@
 """Build the edge bundle (`models/edge/`) from the shipped tokenizer: what a camera needs, and no torch.
 
-- encoder_fp32.onnx: the encoder graph (image in [-1, 1] -> L2-normalised code vectors), any H, W multiple of 16;
+- encoder_fp32.onnx: the encoder graph (image in [-1, 1] -> L2-normalised code vectors), any H, W multiple of
+  the stride;
 - encoder_int8.onnx: ONNX Runtime static QDQ int8, calibrated on training crops;
 - codebook.npy: the L2-normalised codebook (float32), searched in numpy on the device;
 - token_prior.npz: integer token frequencies counted on training frames (the entropy coder's static prior);
-- manifest.json: model id, stride, codebook size, files and their SHA-256.
+- manifest.json (`mridc.shared.protocol.EdgeManifest`): model id, stride, codebook size, files and their
+  SHA-256, how the int8 file was made.
 
 The LiteRT int8 file is built by `tools/litert_convert.py` in its own environment (litert-torch is a 1.2 GB
 install that the cloud and edge environments should not carry).
@@ -13,8 +15,6 @@ install that the cloud and edge environments should not carry).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import random
 import sys
 from pathlib import Path
@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from mridc.cloud.zoo import load_model, tokenizer_codebook
+from mridc.shared.protocol import EdgeManifest, InputSpec, Int8Notes, OutputSpec, bundle_files
 from mridc.shared.zoo import default_models_dir, default_shared_data_dir, model_id_from_codebook
 
 INPUT_NAME, OUTPUT_NAME = "image", "codes"
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+# The shipped manifest's order (tools/litert_convert.py adds the .tflite file last).
+BUNDLE_FILES = ("encoder_fp32.onnx", "encoder_int8.onnx", "codebook.npy", "token_prior.npz", "encoder_int8.tflite")
+# What quantize_int8 keeps in float, in words, for the manifest.
+INT8_FLOAT_NODES = "stem conv, code projection, L2 normalisation"
 
 
 def export_onnx(encoder: torch.nn.Module, path: Path, example_hw=(512, 768)) -> None:
@@ -45,7 +46,7 @@ def export_onnx(encoder: torch.nn.Module, path: Path, example_hw=(512, 768)) -> 
 
 def calibration_frames(shared: Path, count: int, size=(512, 768), seed: int = 0) -> list[np.ndarray]:
     """Crops of training images (never eval images), as float32 NCHW in [-1, 1]."""
-    from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
+    from mridc.cloud.data import CropSampler, default_train_sources, parse_source
 
     images = [img for spec in default_train_sources(shared) for img in parse_source(spec)]
     rng = random.Random(seed)
@@ -87,7 +88,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray]) ->
 
 def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
     """Token histogram over training frames at camera-like resolution -> integer prior."""
-    from mridc.cloud.train.data import default_train_sources, parse_source
+    from mridc.cloud.data import default_train_sources, parse_source
     from mridc.shared.entropy import TokenPrior
 
     counts = np.zeros(tokenizer.cfg.codebook_size, np.int64)
@@ -109,7 +110,7 @@ def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
 
 
 def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_count: int = 32,
-                      log=print) -> dict:
+                      log=print) -> EdgeManifest:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_model(tokenizer_path, "tokenizer")
     codebook = tokenizer_codebook(tokenizer)
@@ -117,32 +118,25 @@ def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_c
     model_id = model_id_from_codebook(codebook)
     log(f"model id {model_id:08x}; exporting ONNX fp32")
     export_onnx(tokenizer.encoder, out_dir / "encoder_fp32.onnx")
-    log(f"calibrating int8 on {calib_count} training crops")
-    quantize_int8(out_dir / "encoder_fp32.onnx", out_dir / "encoder_int8.onnx",
-                  calibration_frames(shared, calib_count))
+    frames = calibration_frames(shared, calib_count)
+    log(f"calibrating int8 on {len(frames)} training crops")
+    quantize_int8(out_dir / "encoder_fp32.onnx", out_dir / "encoder_int8.onnx", frames)
     log("counting the token prior on training frames")
     prior, counts = count_token_prior(tokenizer, shared)
     prior.save(out_dir / "token_prior.npz")
     p = counts / counts.sum()
     entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-    manifest = {
-        "format": "mridc-edge-bundle/1",
-        "model_id": model_id,
-        "model_id_hex": f"{model_id:08x}",
-        "stride": tokenizer.cfg.stride,
-        "codebook_size": tokenizer.cfg.codebook_size,
-        "code_dim": tokenizer.cfg.code_dim,
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "range": [-1.0, 1.0], "pad": "edge-replicate to stride"},
-        "output": {"name": OUTPUT_NAME, "layout": "NCHW", "normalised": True},
-        "token_entropy_bits": round(entropy, 3),
-        "codes_used_in_prior_data": int((counts > 0).sum()),
-        "files": {},
-    }
-    for name in ("encoder_fp32.onnx", "encoder_int8.onnx", "encoder_int8.tflite", "codebook.npy", "token_prior.npz"):
-        f = out_dir / name
-        if f.exists():
-            manifest["files"][name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = EdgeManifest(
+        model_id=model_id, stride=tokenizer.cfg.stride, codebook_size=tokenizer.cfg.codebook_size,
+        code_dim=tokenizer.cfg.code_dim,
+        input=InputSpec(name=INPUT_NAME, layout="NCHW", range=(-1.0, 1.0), pad="edge-replicate to stride"),
+        output=OutputSpec(name=OUTPUT_NAME, layout="NCHW", normalised=True),
+        token_entropy_bits=round(entropy, 3), codes_used_in_prior_data=int((counts > 0).sum()),
+        files=bundle_files(out_dir, BUNDLE_FILES),
+        int8=Int8Notes(calibration=f"{len(frames)} training crops (mridc.cloud.export.calibration_frames, seed 0)",
+                       float_nodes=INT8_FLOAT_NODES),
+    )
+    manifest.write(out_dir / "manifest.json")
     log(f"edge bundle written to {out_dir}")
     return manifest
 

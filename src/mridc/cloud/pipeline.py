@@ -1,44 +1,64 @@
-"""The cloud decode: MRD bytes -> kept tokens -> BPCG token completion -> tokenizer decode -> diffusion refinement.
+"""The cloud decode, composed from parts the way diffusers composes a pipeline from models and a scheduler:
 
-    decoder = MRIDCDecoder.from_pretrained()          # models/ (or $MRIDC_MODELS)
-    image = decoder.decode(stream, realism=0.5, seed=0)   # HxWx3 uint8, the camera frame's size
+    TokenFrame (kept tokens + keep mask, parsed from MRD bytes)
+      -> fill       completes the masked tokens: a `Fill` (BPCG blend, MaskGIT, nearest, mode)
+      -> tokenizer  decodes the completed code vectors to pixels
+      -> refiner    conditional diffusion from noise level `realism`: U-Net + scheduler (None: no refinement)
+      -> pixels at the camera frame's size
 
-`fill` chooses how masked tokens are completed:
+    decoder = MRIDCDecoder.from_models()                           # models/ (or $MRIDC_MODELS)
+    outputs = decoder.decode_frames(frames, DecodeSettings(realism=0.5, seed=0))   # parsed TokenFrames
+    image = decoder.decode(stream, realism=0.5, seed=0)            # bytes: parse, then decode_frames
+
+Fills (`FILLS`: the names `--fill` and `DecodeSettings.fill` take) share one signature,
+`fill(tokens, keep, settings) -> Completion`:
 - "bpcg" (default): one pass of the bidirectional transformer; each masked latent is the blend of the
   predicted code vector (expectation under the predictor's distribution) and the nearest kept token's vector.
   With the shipped, briefly trained predictor this measured best (docs/results/ablation);
 - "maskgit": iterative, confidence-ordered MaskGIT decoding with a cosine schedule (hard tokens);
 - baselines "nearest" (nearest kept token) and "mode" (most frequent token) for the ablation benchmark.
+Without a predictor the predictor's fills fall back to "nearest".
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from mridc.cloud.diffusion.pipeline import ResidualDiffusionPipeline
+from mridc.cloud.diffusion.scheduler import DDIMScheduler
 from mridc.cloud.maskgit import fill_masked_tokens
 from mridc.cloud.zoo import ModelFileError, load_model, tokenizer_codebook
+from mridc.shared import protocol
 from mridc.shared.bitstream import TokenFrame, decompress
 from mridc.shared.entropy import TokenPrior
 from mridc.shared.zoo import default_models_dir, model_id_from_codebook
 
-FILLS = ("bpcg", "maskgit", "nearest", "mode")
 
-
-@dataclass
+# -- settings and results ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class DecodeSettings:
     realism: float = 0.5
     seed: int = 0
     steps: int = 8  # diffusion DDIM steps at realism 1 (fewer at lower realism)
-    predictor_steps: int = 8
-    fill: str = "bpcg"
+    predictor_steps: int = 8  # maskgit: predictor passes
+    fill: str | None = None  # a name in the decoder's fills; None: its default fill ("bpcg" for from_models)
     blend: float = 0.5  # bpcg: weight of the predicted code vector against the nearest kept token
+
+
+@dataclass
+class Completion:
+    """A fill's result for a batch of same-size grids."""
+
+    latent: torch.Tensor  # (N,D,gh,gw) code vectors the tokenizer decodes
+    trust: torch.Tensor  # (N,gh,gw) 1 kept / 0 filled: the refiner's conditioning
+    tokens: torch.Tensor  # (N,gh,gw) int64 hard tokens, the kept ones unaltered
 
 
 @dataclass
@@ -47,6 +67,15 @@ class DecodeOutput:
     frame: TokenFrame
     completed_tokens: np.ndarray  # (gh, gw) int64
     timings: dict = field(default_factory=dict)
+
+
+# -- fills -------------------------------------------------------------------------------------------------
+class Fill(Protocol):
+    name: str
+
+    def __call__(self, tokens: torch.Tensor, keep: torch.Tensor, settings: DecodeSettings) -> Completion:
+        """(N,gh,gw) int64 tokens (anything at masked positions), (N,gh,gw) bool keep mask -> Completion."""
+        ...
 
 
 def nearest_kept_fill(tokens: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -59,100 +88,232 @@ def nearest_kept_fill(tokens: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return tokens[iy, ix]
 
 
+def nearest_kept_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`nearest_kept_fill` of each grid of a batch."""
+    grids = [nearest_kept_fill(t, k) for t, k in zip(tokens.cpu().numpy(), keep.cpu().numpy())]
+    return torch.from_numpy(np.stack(grids)).to(tokens.device)
+
+
+class NearestFill:
+    """Each masked token copies the nearest kept token."""
+
+    name = "nearest"
+    needs_predictor = False
+
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
+
+    @classmethod
+    def from_parts(cls, tokenizer, predictor=None, prior: TokenPrior | None = None) -> NearestFill:
+        return cls(tokenizer.quantizer)
+
+    def __call__(self, tokens, keep, settings):
+        completed = nearest_kept_tokens(tokens, keep)
+        return Completion(self.quantizer.lookup(completed), keep.float(), completed)
+
+
+class ModeFill:
+    """Each masked token is the most frequent token of the prior."""
+
+    name = "mode"
+    needs_predictor = False
+
+    def __init__(self, quantizer, mode_token: int):
+        self.quantizer = quantizer
+        self.mode_token = int(mode_token)
+
+    @classmethod
+    def from_parts(cls, tokenizer, predictor=None, prior: TokenPrior | None = None) -> ModeFill:
+        return cls(tokenizer.quantizer, mode_token_of(prior or TokenPrior.uniform(tokenizer.cfg.codebook_size)))
+
+    def __call__(self, tokens, keep, settings):
+        completed = torch.where(keep, tokens, torch.full_like(tokens, self.mode_token))
+        return Completion(self.quantizer.lookup(completed), keep.float(), completed)
+
+
+class BlendFill:
+    """BPCG: one predictor pass; masked latents blend the expected code vector with the nearest kept one."""
+
+    name = "bpcg"
+    needs_predictor = True
+
+    def __init__(self, predictor, quantizer):
+        self.predictor = predictor
+        self.quantizer = quantizer
+
+    @classmethod
+    def from_parts(cls, tokenizer, predictor=None, prior: TokenPrior | None = None) -> BlendFill:
+        return cls(predictor, tokenizer.quantizer)
+
+    def __call__(self, tokens, keep, settings):
+        lookup = self.quantizer.lookup
+        probs = self.predictor(tokens, keep).float().softmax(-1)
+        expected = (probs @ self.quantizer.normalized_codebook()).permute(0, 3, 1, 2)
+        blended = settings.blend * expected + (1 - settings.blend) * lookup(nearest_kept_tokens(tokens, keep))
+        latent = torch.where(keep[:, None], lookup(tokens), blended)
+        return Completion(latent, keep.float(), torch.where(keep, tokens, probs.argmax(-1)))
+
+
+class MaskGITFill:
+    """Iterative MaskGIT decoding (`settings.predictor_steps` passes, seeded); hard tokens."""
+
+    name = "maskgit"
+    needs_predictor = True
+
+    def __init__(self, predictor, quantizer):
+        self.predictor = predictor
+        self.quantizer = quantizer
+
+    @classmethod
+    def from_parts(cls, tokenizer, predictor=None, prior: TokenPrior | None = None) -> MaskGITFill:
+        return cls(predictor, tokenizer.quantizer)
+
+    def __call__(self, tokens, keep, settings):
+        completed, _ = fill_masked_tokens(self.predictor, tokens, keep, steps=settings.predictor_steps,
+                                          seed=settings.seed)
+        return Completion(self.quantizer.lookup(completed), keep.float(), completed)
+
+
+FILL_TYPES: dict[str, type] = {cls.name: cls for cls in (BlendFill, MaskGITFill, NearestFill, ModeFill)}
+FILLS = tuple(FILL_TYPES)  # ("bpcg", "maskgit", "nearest", "mode"); the first is the default
+
+
+def make_fill(name: str, tokenizer, predictor=None, prior: TokenPrior | None = None) -> Fill:
+    """The registered fill `name` over these parts; a predictor fill without a predictor is the nearest fill."""
+    if name not in FILL_TYPES:
+        raise ValueError(f"unknown fill {name!r}; choose one of {FILLS}")
+    cls = FILL_TYPES[name]
+    if cls.needs_predictor and predictor is None:
+        cls = NearestFill
+    return cls.from_parts(tokenizer, predictor, prior)
+
+
+def make_fills(tokenizer, predictor=None, prior: TokenPrior | None = None) -> dict[str, Fill]:
+    return {name: make_fill(name, tokenizer, predictor, prior) for name in FILLS}
+
+
+def mode_token_of(prior: TokenPrior) -> int:
+    return int(np.argmax(np.asarray(prior.freqs)))
+
+
+# -- refiner -----------------------------------------------------------------------------------------------
+class Refiner(Protocol):
+    """E.g. `ResidualDiffusionPipeline(unet, scheduler)`: swap the scheduler, keep the model."""
+
+    def __call__(self, decoded: torch.Tensor, trust: torch.Tensor, realism: float, steps: int = 8,
+                 seed: int = 0) -> torch.Tensor:
+        """(N,3,H,W) decode in [-1, 1] + (N,gh,gw) trust -> refined (N,3,H,W); realism 0 returns `decoded`."""
+        ...
+
+
+# -- frame geometry ----------------------------------------------------------------------------------------
 def is_scaled(frame: TokenFrame, stride: int) -> bool:
     """A grid smaller than the frame needs means the camera encoded a downscaled frame (docs/bitstream.md)."""
-    return frame.grid_h < -(-frame.height // stride) or frame.grid_w < -(-frame.width // stride)
+    return protocol.is_scaled(frame.width, frame.height, frame.grid_h, frame.grid_w, stride)
 
 
 def to_frame_size(pixels: np.ndarray, frame: TokenFrame, stride: int) -> np.ndarray:
     """Decoded grid-sized pixels -> the camera frame's size: crop the padding, or upsample a scaled frame."""
     if not is_scaled(frame, stride):
         return np.ascontiguousarray(pixels[: frame.height, : frame.width])
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(pixels).resize((frame.width, frame.height), Image.LANCZOS))
+    return protocol.upscale_to_frame(pixels, frame.width, frame.height)
 
 
+# -- the decoder -------------------------------------------------------------------------------------------
 class MRIDCDecoder:
-    def __init__(self, tokenizer, predictor=None, diffusion=None, prior: TokenPrior | None = None,
-                 device: str | torch.device = "cpu"):
+    """tokenizer + fill(s) + refiner + token prior.
+
+    `fill`: one Fill (the only and default one) or {name: Fill} (the first is the default; default: every
+    registered fill, without a predictor). `refiner`: None decodes at realism 0 whatever the settings say.
+    The fills and the refiner are expected on `device` already; the tokenizer is moved there.
+    """
+
+    def __init__(self, tokenizer, fill: Fill | Mapping[str, Fill] | None = None, refiner: Refiner | None = None,
+                 prior: TokenPrior | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.tokenizer = tokenizer.to(self.device).eval()
-        self.predictor = predictor.to(self.device).eval() if predictor is not None else None
-        self.diffusion = ResidualDiffusionPipeline(diffusion.to(self.device).eval()) if diffusion is not None else None
+        self.prior = prior or TokenPrior.uniform(tokenizer.cfg.codebook_size)
+        if fill is None:
+            fill = make_fills(self.tokenizer, None, self.prior)
+        self.fills: dict[str, Fill] = dict(fill) if isinstance(fill, Mapping) else {fill.name: fill}
+        if not self.fills:
+            raise ValueError("a decoder needs at least one fill")
+        self.default_fill = next(iter(self.fills))
+        self.refiner = refiner
         self.model_id = model_id_from_codebook(tokenizer_codebook(tokenizer))
         self.codebook_size = tokenizer.cfg.codebook_size
         self.stride = tokenizer.cfg.stride
-        self.prior = prior or TokenPrior.uniform(self.codebook_size)
-        self.mode_token = int(np.argmax(np.asarray(self.prior.freqs)))
+        self.mode_token = mode_token_of(self.prior)
 
     @classmethod
-    def from_pretrained(cls, models_dir: str | Path | None = None, device: str = "cpu",
-                        with_predictor: bool = True, with_diffusion: bool = True) -> MRIDCDecoder:
+    def from_models(cls, models_dir: str | Path | None = None, device: str = "cpu", with_predictor: bool = True,
+                    with_diffusion: bool = True, scheduler: DDIMScheduler | None = None) -> MRIDCDecoder:
+        """The shipped decoder from a models folder (default models/ or $MRIDC_MODELS); `scheduler` swaps DDIM's."""
         models = Path(models_dir) if models_dir else default_models_dir()
         tokenizer = load_model(models / "tokenizer.pt", "tokenizer", device)
         predictor = load_model(models / "predictor.pt", "predictor", device) if with_predictor else None
-        diffusion = load_model(models / "diffusion.pt", "diffusion", device) if with_diffusion else None
+        refiner = None
+        if with_diffusion:
+            refiner = ResidualDiffusionPipeline(load_model(models / "diffusion.pt", "diffusion", device), scheduler)
         prior_path = models / "edge" / "token_prior.npz"
         if not prior_path.exists():
             raise ModelFileError(f"{prior_path} is missing (run `make export`)")
-        return cls(tokenizer, predictor, diffusion, TokenPrior.load(prior_path), device)
+        prior = TokenPrior.load(prior_path)
+        return cls(tokenizer, make_fills(tokenizer, predictor, prior), refiner, prior, device)
+
+    from_pretrained = from_models  # the name the service, benches and tools have used
+
+    @property
+    def predictor(self):
+        """The token predictor behind the fills (None without one), for benchmarks that score it directly."""
+        return next((f.predictor for f in self.fills.values() if getattr(f, "predictor", None) is not None), None)
 
     # -- stages -------------------------------------------------------------------------------------
     def validate(self, bitstream: bytes) -> TokenFrame:
         """Parse and check a stream without decoding pixels: CRC, header sanity, model id. BitstreamError if bad."""
         return decompress(bytes(bitstream), self.prior, model_id=self.model_id)
 
-    def complete_latent(self, frames: Sequence[TokenFrame], settings: DecodeSettings
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Same-grid frames -> (code vectors (N,D,gh,gw), trust (N,gh,gw): 1 kept / 0 filled, tokens (N,gh,gw))."""
-        grids, keeps = [], []
-        for f in frames:
-            grid = np.zeros((f.grid_h, f.grid_w), np.int64)
+    def fill_for(self, settings: DecodeSettings) -> Fill:
+        name = settings.fill or self.default_fill
+        if name not in self.fills:
+            raise ValueError(f"unknown fill {name!r}; choose one of {tuple(self.fills)}")
+        return self.fills[name]
+
+    @torch.no_grad()
+    def complete(self, frames: Sequence[TokenFrame], settings: DecodeSettings) -> Completion:
+        """Same-grid frames -> their completed latents, trust maps and tokens (the settings' fill)."""
+        fill = self.fill_for(settings)
+        grids = np.zeros((len(frames), frames[0].grid_h, frames[0].grid_w), np.int64)
+        for grid, f in zip(grids, frames):
             grid[f.keep_mask] = f.kept_tokens
-            grids.append(grid)
-            keeps.append(f.keep_mask)
-        tokens = torch.from_numpy(np.stack(grids)).to(self.device)
-        keep = torch.from_numpy(np.stack(keeps)).to(self.device)
-        def nearest() -> torch.Tensor:  # only the fills that use it pay for the distance transform
-            return torch.from_numpy(np.stack([nearest_kept_fill(g, k) for g, k in zip(grids, keeps)])).to(self.device)
+        tokens = torch.from_numpy(grids).to(self.device)
+        keep = torch.from_numpy(np.stack([f.keep_mask for f in frames])).to(self.device)
+        return fill(tokens, keep, settings)
 
-        lookup = self.tokenizer.quantizer.lookup
-        fill = settings.fill
-        if fill in ("bpcg", "maskgit") and self.predictor is None:
-            fill = "nearest"  # no predictor shipped: the baseline, said so in the decode info
-        if fill == "bpcg":
-            probs = self.predictor(tokens, keep).float().softmax(-1)
-            expected = (probs @ self.tokenizer.quantizer.normalized_codebook()).permute(0, 3, 1, 2)
-            blended = settings.blend * expected + (1 - settings.blend) * lookup(nearest())
-            latent = torch.where(keep[:, None], lookup(tokens), blended)
-            completed = torch.where(keep, tokens, probs.argmax(-1))
-        elif fill == "maskgit":
-            completed, _ = fill_masked_tokens(self.predictor, tokens, keep, steps=settings.predictor_steps,
-                                              seed=settings.seed)
-            latent = lookup(completed)
-        elif fill == "nearest":
-            completed = nearest()
-            latent = lookup(completed)
-        elif fill == "mode":
-            completed = torch.where(keep, tokens, torch.full_like(tokens, self.mode_token))
-            latent = lookup(completed)
-        else:
-            raise ValueError(f"unknown fill {settings.fill!r}; choose one of {FILLS}")
-        return latent, keep.float(), completed
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Code vectors -> the tokenizer's decode, (N,3,H,W) in [-1, 1] (what realism 0 shows)."""
+        return self.tokenizer.decoder(latent).clamp(-1, 1)
 
-    def render(self, latent: torch.Tensor, trust: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
-        decoded = self.tokenizer.decoder(latent).clamp(-1, 1)
-        if self.diffusion is not None and settings.realism > 0:
-            decoded = self.diffusion(decoded, trust, settings.realism, steps=settings.steps, seed=settings.seed)
-        return decoded
+    def refine(self, decoded: torch.Tensor, trust: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+        if self.refiner is None or settings.realism <= 0:
+            return decoded
+        return self.refiner(decoded, trust, settings.realism, steps=settings.steps, seed=settings.seed)
+
+    def render(self, completion: Completion, settings: DecodeSettings) -> torch.Tensor:
+        return self.refine(self.decode_latent(completion.latent), completion.trust, settings)
+
+    def to_images(self, images: torch.Tensor, frames: Sequence[TokenFrame]) -> list[np.ndarray]:
+        """(N,3,H,W) in [-1, 1] -> HxWx3 uint8 at each camera frame's size."""
+        pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return [to_frame_size(p, f, self.stride) for p, f in zip(pixels, frames)]
 
     # -- public API ---------------------------------------------------------------------------------
     @torch.no_grad()
     def decode_frames(self, frames: Sequence[TokenFrame], settings: DecodeSettings | None = None) -> list[DecodeOutput]:
+        """Parsed frames -> one DecodeOutput each, in order; frames of one grid size are decoded as a batch."""
         settings = settings or DecodeSettings()
-        if settings.fill not in FILLS:
-            raise ValueError(f"unknown fill {settings.fill!r}; choose one of {FILLS}")
+        self.fill_for(settings)  # an unknown fill fails before any work
         outputs: list[DecodeOutput | None] = [None] * len(frames)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, f in enumerate(frames):
@@ -160,25 +321,23 @@ class MRIDCDecoder:
         for members in groups.values():
             group = [frames[i] for i in members]
             t0 = time.perf_counter()
-            latent, trust, tokens = self.complete_latent(group, settings)
+            completion = self.complete(group, settings)
             t1 = time.perf_counter()
-            images = self.render(latent, trust, settings)
+            images = self.to_images(self.render(completion, settings), group)
             t2 = time.perf_counter()
-            pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
             for j, i in enumerate(members):
-                f = frames[i]
                 outputs[i] = DecodeOutput(
-                    image=to_frame_size(pixels[j], f, self.stride), frame=f,
-                    completed_tokens=tokens[j].cpu().numpy(),
+                    image=images[j], frame=frames[i], completed_tokens=completion.tokens[j].cpu().numpy(),
                     timings={"tokens": (t1 - t0) / len(members), "render": (t2 - t1) / len(members)})
         return outputs  # type: ignore[return-value]
 
     def decode(self, bitstream: bytes, realism: float = 0.5, seed: int = 0, steps: int | None = None,
-               fill: str = "bpcg") -> np.ndarray:
+               fill: str | None = None) -> np.ndarray:
         return self.decode_batch([bitstream], realism=realism, seed=seed, steps=steps, fill=fill)[0]
 
     def decode_batch(self, bitstreams: Sequence[bytes], realism: float = 0.5, seed: int = 0,
-                     steps: int | None = None, fill: str = "bpcg") -> list[np.ndarray]:
+                     steps: int | None = None, fill: str | None = None) -> list[np.ndarray]:
+        """MRD bytes -> images: a thin wrapper that parses, then `decode_frames`."""
         settings = DecodeSettings(realism=realism, seed=seed, fill=fill, steps=steps or DecodeSettings.steps)
         frames = [self.validate(b) for b in bitstreams]
         return [o.image for o in self.decode_frames(frames, settings)]

@@ -6,7 +6,6 @@ model serves any grid size), full attention. The iterative sampler lives in `mas
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,8 +91,3 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, keep_mask: to
     if not masked.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[masked].float(), targets[masked], label_smoothing=label_smoothing)
-
-
-def cosine_mask_ratio(u: torch.Tensor) -> torch.Tensor:
-    """MaskGIT's schedule: fraction masked for u in [0, 1)."""
-    return torch.cos(u * math.pi / 2)

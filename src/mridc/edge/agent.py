@@ -3,11 +3,13 @@
 The pieces are passed in (encoder, transport, queue, source), so tests and the fleet simulator
 run the same loop with a synthetic encoder or an in-process cloud:
 
->>> agent = EdgeAgent(device_id="cam-01", encoder=EdgeEncoder(), transport=open_transport(url, "cam-01"),
-...                   queue=FrameQueue(path, "cam-01"), source=open_source("camera:0", fps=0.2))
+>>> agent = EdgeAgent(device_id="cam-01", encoder=EdgeEncoder.from_bundle(),
+...                   transport=open_transport(url, "cam-01"), queue=FrameQueue(path, "cam-01"),
+...                   source=open_source("camera:0", fps=0.2))
 >>> report = agent.run(stop_event)
 
-``mridc-edge run`` is ``add_run_arguments`` + ``run_from_args`` (wired in edge/cli.py).
+``mridc-edge run`` (edge/cli.py) reads a device config and calls ``build_agent``, the one place that
+wires an agent from a config (the fleet simulator calls it too).
 
 Delivery: a frame is accepted once it is on disk (``FrameQueue.put``). The ``Forwarder`` sends the
 oldest queued frames, at most ``window`` without an ack; a frame with no ack after ``ack_timeout_s``
@@ -18,10 +20,7 @@ because the cloud dedupes by (device id, sequence).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -30,11 +29,10 @@ from typing import Protocol
 from mridc.edge.capture import CapturedFrame
 from mridc.edge.queue import FrameQueue, PutResult
 from mridc.edge.transport.base import Transport
+from mridc.shared.protocol import is_final
 from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.agent")
-
-_FINAL_STATUSES = (mridc_pb2.FrameAck.STORED, mridc_pb2.FrameAck.DUPLICATE, mridc_pb2.FrameAck.REJECTED)
 
 
 class Encoder(Protocol):
@@ -66,7 +64,7 @@ class Forwarder:
         left = self.queue.ack(ack.sequence, ack.status)
         with self._lock:
             self._inflight.pop(ack.sequence, None)
-            if ack.status not in _FINAL_STATUSES:
+            if not is_final(ack.status):
                 # RETRY_LATER, or a status this version does not know: keep it, resend later.
                 self.stats["retry_later"] += 1
                 self._held[ack.sequence] = time.monotonic() + self.retry_later_s
@@ -89,11 +87,6 @@ class Forwarder:
         """A new frame was queued (or the link came back): look at the queue now."""
         self._wake.set()
 
-    @property
-    def inflight(self) -> int:
-        with self._lock:
-            return len(self._inflight)
-
     def step(self) -> int:
         """Send what the window allows; returns how many frames were handed to the transport."""
         if not self.transport.connected:
@@ -115,6 +108,7 @@ class Forwarder:
         for frame in self.queue.pending(limit=room, exclude=exclude):
             if not self.transport.send(frame.to_envelope()):
                 break
+            self.queue.mark_sent(frame.sequence)
             with self._lock:
                 self._inflight[frame.sequence] = time.monotonic() + self.ack_timeout_s
                 self.stats["sent"] += 1
@@ -280,61 +274,8 @@ class EdgeAgent:
             self.stop()
 
 
-# -- command line (mridc-edge run) -----------------------------------------------------------------
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``mridc-edge run``. Each overrides the matching field of ``--config``."""
-    parser.add_argument("--config", metavar="FILE", help="device TOML config (docs/deploy-edge.md)")
-    parser.add_argument("--source", help="camera:INDEX, VIDEO_FILE or IMAGE_DIR [source.uri]")
-    parser.add_argument("--transport", metavar="URL",
-                        help="mqtt://HOST:PORT, mqtts://..., grpc://HOST:PORT or grpcs://... [transport.url]")
-    parser.add_argument("--device-id", help="device id, [A-Za-z0-9_-]{1,64} [device.id]")
-    parser.add_argument("--bpp", type=float, help="target bits per pixel [encoder.bpp]")
-    parser.add_argument("--fps", type=float, help="frames per second taken from the source, 0 = unpaced [source.fps]")
-    parser.add_argument("--loop", action="store_true", default=None, help="loop a video file or image folder")
-    parser.add_argument("--backend", choices=("onnx", "litert", "torch"), help="encoder backend [encoder.backend]")
-    parser.add_argument("--models-dir", help="edge model folder [encoder.models_dir]")
-    parser.add_argument("--queue", metavar="PATH", help="queue SQLite file [queue.path]")
-    parser.add_argument("--queue-max-frames", type=int, help="queue bound in frames [queue.max_frames]")
-    parser.add_argument("--queue-policy", choices=("drop_oldest", "drop_newest", "lower_bpp"),
-                        help="what to do when the queue is full [queue.policy]")
-    parser.add_argument("--username", help="MQTT user name [transport.username]")
-    parser.add_argument("--password-file", help="file holding the MQTT password [transport.password_file]")
-    parser.add_argument("--token-file", help="file holding the gRPC bearer token [transport.token_file]")
-    parser.add_argument("--ca-file", help="CA certificate for TLS URLs [transport.ca_file]")
-    parser.add_argument("--cert-file", help="client certificate for mutual TLS [transport.cert_file]")
-    parser.add_argument("--key-file", help="client key for mutual TLS [transport.key_file]")
-    parser.add_argument("--max-frames", type=int, help="stop after capturing this many frames")
-    parser.add_argument("--drain-timeout", type=float, default=0.0, metavar="S",
-                        help="at the end, wait up to S seconds for the queue to empty")
-
-
-_OVERRIDES = {
-    "source": ("source", "uri"), "transport": ("transport", "url"), "device_id": ("device", "id"),
-    "bpp": ("encoder", "bpp"), "fps": ("source", "fps"), "loop": ("source", "loop"),
-    "backend": ("encoder", "backend"), "models_dir": ("encoder", "models_dir"), "queue": ("queue", "path"),
-    "queue_max_frames": ("queue", "max_frames"), "queue_policy": ("queue", "policy"),
-    "username": ("transport", "username"), "password_file": ("transport", "password_file"),
-    "token_file": ("transport", "token_file"), "ca_file": ("transport", "ca_file"),
-    "cert_file": ("transport", "cert_file"), "key_file": ("transport", "key_file"),
-}
-
-
-def config_from_args(args: argparse.Namespace):
-    """The validated ``DeviceConfig``: ``--config`` file (if any) with command-line overrides applied."""
-    from mridc.edge.config import DeviceConfig, load_config
-
-    config = load_config(args.config) if getattr(args, "config", None) else DeviceConfig()
-    for attr, (section, name) in _OVERRIDES.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            setattr(getattr(config, section), name, value)
-    config.encoder.min_bpp = min(config.encoder.min_bpp, config.encoder.bpp)
-    return config.validate()
-
-
 def build_transport(config) -> Transport:
-    from mridc.edge.transport.base import Backoff, TlsFiles, open_transport
+    from mridc.edge.transport import Backoff, TlsFiles, open_transport
 
     t = config.transport
     tls = None
@@ -368,51 +309,4 @@ def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None
     )
 
 
-def run_from_args(args: argparse.Namespace, encoder: Encoder | None = None) -> int:
-    """``mridc-edge run``: 0 when the source ended (or SIGTERM/SIGINT), 1 when capture failed, 2 on a
-    config error. ``encoder`` defaults to ``EdgeEncoder`` built from the config."""
-    from mridc.edge.capture import CaptureError
-    from mridc.edge.config import ConfigError
-    from mridc.edge.queue import QueueError
-    from mridc.edge.transport.base import TransportError
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        if encoder is None:
-            from mridc.edge.encoder import EdgeEncoder
-
-            # scale "auto": at very small budgets a lower-resolution grid beats masking most tokens (README).
-            encoder = EdgeEncoder(models_dir=config.encoder.models_dir or None, backend=config.encoder.backend,
-                                  scale="auto")
-        agent = build_agent(config, encoder, max_frames=getattr(args, "max_frames", None))
-    except (ConfigError, CaptureError, QueueError, TransportError, OSError) as exc:
-        print(f"mridc-edge run: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def _on_signal(signum, _frame):
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-    log.info("%s: %s -> %s, bpp %.4f, queue %s (%s)", config.device.id, config.source.uri, config.transport.url,
-             config.encoder.bpp, config.queue_path(), config.queue.policy)
-    try:
-        status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
-                           drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
-    except CaptureError as exc:
-        log.error("%s: %s", config.device.id, exc)
-        return 1
-    finally:
-        agent.queue.close()
-    log.info("%s: done: %s", config.device.id, {k: status[k] for k in ("agent", "forwarder")} | {
-        "queue_depth": status["queue"]["depth"]})
-    return 0
-
-
-__all__ = ["EdgeAgent", "Forwarder", "add_run_arguments", "build_agent", "build_transport", "config_from_args",
-           "run_from_args"]
+__all__ = ["EdgeAgent", "Forwarder", "build_agent", "build_transport"]

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mridc.shared.cli_util import EXIT_OK, HelpFormatter, InvalidInput, run_command
 
 PROG = "mridc-edge"
+_log = logging.getLogger("mridc.edge.agent")  # the agent's logger: one stream for `run`
 
 
 def _add_encode(sub) -> None:
+    from mridc.edge.runners import RUNNERS
+
     p = sub.add_parser("encode", help="encode one image to an .mrd stream", formatter_class=HelpFormatter,
                        description="Encode an image: VQ tokens, map-guided masking under the budget, entropy coding.\n"
                                    "Example: mridc-edge encode photo.jpg -o photo.mrd --bpp 0.02")
@@ -32,8 +38,8 @@ def _add_encode(sub) -> None:
     rate.add_argument("--keep-ratio", type=float, help="keep this fraction of tokens instead of a budget (0..1)")
     p.add_argument("--scale", default="auto", help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' "
                                                 "(with --bpp: lower resolution rather than masking most tokens)")
-    p.add_argument("--backend", default="onnx", choices=["onnx", "onnx-fp32", "litert", "torch"],
-                   help="encoder runtime: onnx = ONNX Runtime int8")
+    p.add_argument("--backend", default="onnx", choices=RUNNERS.names(),
+                   help="encoder runtime: onnx = ONNX Runtime int8 (torch: the cloud's reference, with the cloud extra)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the encoder")
     p.add_argument("--faces", action="store_true", help="protect faces (Haar cascade) as key regions")
     p.add_argument("--roi", action="append", default=[], metavar="X0,Y0,X1,Y1",
@@ -70,7 +76,8 @@ def cmd_encode(args) -> int:
         raise InvalidInput(f"--bpp must be within (0, 64], got {args.bpp}")
     image = read_image(args.image)
     try:
-        encoder = EdgeEncoder(args.models, backend=args.backend, threads=args.threads, use_faces=args.faces)
+        encoder = EdgeEncoder.from_bundle(args.models, backend=args.backend, threads=args.threads,
+                                          use_faces=args.faces)
     except EncoderError as exc:
         raise InvalidInput(str(exc)) from exc
     scale = args.scale if args.scale == "auto" else _parse_scale(args.scale)
@@ -99,7 +106,8 @@ def _add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from mridc.edge.encoder import BACKENDS, EdgeEncoder, EncoderError, load_bundle
+    from mridc.edge.encoder import EdgeEncoder, EncoderError, load_bundle
+    from mridc.edge.runners import RUNNERS
     from mridc.shared.zoo import default_models_dir
 
     models = Path(args.models) if args.models else default_models_dir()
@@ -107,20 +115,118 @@ def cmd_info(args) -> int:
         manifest, _, _ = load_bundle(models)
     except EncoderError as exc:
         raise InvalidInput(str(exc)) from exc
-    print(f"bundle {models / 'edge'}: model id {manifest['model_id_hex']}, stride {manifest['stride']}, "
-          f"codebook {manifest['codebook_size']}")
-    for backend in BACKENDS:
+    print(f"bundle {models / 'edge'}: model id {manifest.model_id_hex}, stride {manifest.stride}, "
+          f"codebook {manifest.codebook_size}")
+    for backend in RUNNERS.names():
         try:
-            EdgeEncoder(models, backend=backend)
+            EdgeEncoder.from_bundle(models, backend=backend)
             print(f"  {backend:10s} ok")
         except EncoderError as exc:
             print(f"  {backend:10s} unavailable: {exc}")
     return EXIT_OK
 
 
-def _add_run(sub) -> None:
-    from mridc.edge.agent import add_run_arguments, run_from_args
+# -- mridc-edge run ------------------------------------------------------------------------------------
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``mridc-edge run``. Each overrides the matching field of ``--config``."""
+    parser.add_argument("--config", metavar="FILE", help="device TOML config (docs/deploy-edge.md)")
+    parser.add_argument("--source", help="camera:INDEX, VIDEO_FILE or IMAGE_DIR [source.uri]")
+    parser.add_argument("--transport", metavar="URL",
+                        help="mqtt://HOST:PORT, mqtts://..., grpc://HOST:PORT or grpcs://... [transport.url]")
+    parser.add_argument("--device-id", help="device id, [A-Za-z0-9_-]{1,64} [device.id]")
+    parser.add_argument("--bpp", type=float, help="target bits per pixel [encoder.bpp]")
+    parser.add_argument("--fps", type=float, help="frames per second taken from the source, 0 = unpaced [source.fps]")
+    parser.add_argument("--loop", action="store_true", default=None, help="loop a video file or image folder")
+    parser.add_argument("--backend", choices=("onnx", "litert", "torch"), help="encoder backend [encoder.backend]")
+    parser.add_argument("--models-dir", help="edge model folder [encoder.models_dir]")
+    parser.add_argument("--queue", metavar="PATH", help="queue SQLite file [queue.path]")
+    parser.add_argument("--queue-max-frames", type=int, help="queue bound in frames [queue.max_frames]")
+    parser.add_argument("--queue-policy", choices=("drop_oldest", "drop_newest", "lower_bpp"),
+                        help="what to do when the queue is full [queue.policy]")
+    parser.add_argument("--username", help="MQTT user name [transport.username]")
+    parser.add_argument("--password-file", help="file holding the MQTT password [transport.password_file]")
+    parser.add_argument("--token-file", help="file holding the gRPC bearer token [transport.token_file]")
+    parser.add_argument("--ca-file", help="CA certificate for TLS URLs [transport.ca_file]")
+    parser.add_argument("--cert-file", help="client certificate for mutual TLS [transport.cert_file]")
+    parser.add_argument("--key-file", help="client key for mutual TLS [transport.key_file]")
+    parser.add_argument("--max-frames", type=int, help="stop after capturing this many frames")
+    parser.add_argument("--drain-timeout", type=float, default=0.0, metavar="S",
+                        help="at the end, wait up to S seconds for the queue to empty")
 
+
+_OVERRIDES = {
+    "source": ("source", "uri"), "transport": ("transport", "url"), "device_id": ("device", "id"),
+    "bpp": ("encoder", "bpp"), "fps": ("source", "fps"), "loop": ("source", "loop"),
+    "backend": ("encoder", "backend"), "models_dir": ("encoder", "models_dir"), "queue": ("queue", "path"),
+    "queue_max_frames": ("queue", "max_frames"), "queue_policy": ("queue", "policy"),
+    "username": ("transport", "username"), "password_file": ("transport", "password_file"),
+    "token_file": ("transport", "token_file"), "ca_file": ("transport", "ca_file"),
+    "cert_file": ("transport", "cert_file"), "key_file": ("transport", "key_file"),
+}
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated ``DeviceConfig``: ``--config`` file (if any) with command-line overrides applied."""
+    from mridc.edge.config import DeviceConfig, load_config
+
+    config = load_config(args.config) if getattr(args, "config", None) else DeviceConfig()
+    for attr, (section, name) in _OVERRIDES.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(getattr(config, section), name, value)
+    config.encoder.min_bpp = min(config.encoder.min_bpp, config.encoder.bpp)
+    return config.validate()
+
+
+def run_from_args(args: argparse.Namespace, encoder=None) -> int:
+    """``mridc-edge run``: 0 when the source ended (or SIGTERM/SIGINT), 1 when capture failed, 2 on a
+    config error. ``encoder`` defaults to ``EdgeEncoder`` built from the config."""
+    from mridc.edge.agent import build_agent
+    from mridc.edge.capture import CaptureError
+    from mridc.edge.config import ConfigError
+    from mridc.edge.queue import QueueError
+    from mridc.edge.transport.base import TransportError
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        if encoder is None:
+            from mridc.edge.encoder import EdgeEncoder
+
+            # scale "auto": at very small budgets a lower-resolution grid beats masking most tokens (README).
+            encoder = EdgeEncoder.from_bundle(models_dir=config.encoder.models_dir or None,
+                                              backend=config.encoder.backend, scale="auto")
+        agent = build_agent(config, encoder, max_frames=getattr(args, "max_frames", None))
+    except (ConfigError, CaptureError, QueueError, TransportError, OSError) as exc:
+        print(f"mridc-edge run: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        _log.info("signal %d: stopping", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    _log.info("%s: %s -> %s, bpp %.4f, queue %s (%s)", config.device.id, config.source.uri, config.transport.url,
+             config.encoder.bpp, config.queue_path(), config.queue.policy)
+    try:
+        status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
+                           drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
+    except CaptureError as exc:
+        _log.error("%s: %s", config.device.id, exc)
+        return 1
+    finally:
+        agent.queue.close()
+    _log.info("%s: done: %s", config.device.id, {k: status[k] for k in ("agent", "forwarder")} | {
+        "queue_depth": status["queue"]["depth"]})
+    return 0
+
+
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="capture, encode, queue and send frames", formatter_class=HelpFormatter,
                        description="The camera agent: frames from a camera, video or image folder are encoded, stored "
                                    "in a durable queue and sent over MQTT or gRPC until the cloud acknowledges them.")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import types
 import typing
@@ -26,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mridc.edge.queue import POLICIES
-
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from mridc.shared.protocol import DEVICE_ID_RULE, is_valid_device_id
 
 
 class ConfigError(ValueError):
@@ -124,8 +122,8 @@ class DeviceConfig:
         """Check cross-field rules; raises ConfigError naming the field."""
         if not self.device.id:
             raise ConfigError("device.id is required (or pass --device-id)")
-        if not DEVICE_ID_RE.match(self.device.id):
-            raise ConfigError(f"device.id {self.device.id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if not is_valid_device_id(self.device.id):
+            raise ConfigError(f"device.id {self.device.id!r} must match {DEVICE_ID_RULE}")
         if not self.transport.url:
             raise ConfigError("transport.url is required, e.g. mqtt://127.0.0.1:1883 (or pass --transport)")
         scheme = self.transport.url.split("://", 1)[0].lower() if "://" in self.transport.url else ""

@@ -2,25 +2,22 @@
 
 Sources give per-token coverage maps on the token grid; `detect_key_mask` thresholds their union.
 - user ROIs from the device config: boxes ``[x0, y0, x1, y1]`` or polygons ``[[x, y], ...]``, pixel coords;
-- registered detectors: ``faces`` (Haar frontal face), ``bodies`` (Haar full body), and whatever
-  `register_key_source` adds (a motion map next).
+- detectors from a `KeySourceRegistry`: the default one, `KEY_SOURCES`, has ``faces`` (Haar frontal
+  face) and ``bodies`` (Haar full body); `register_key_source` adds to it (a motion map next).
 
-The Haar cascades are OpenCV's XML files, carried in ``edge/assets/`` with their licence, and evaluated
-here in numpy: opencv-python-headless 5 dropped ``cv2.CascadeClassifier``, and one implementation on every
-device keeps detections (and so the bytes) the same across OpenCV builds.
+The Haar cascades are evaluated in numpy by `mridc.edge.haar`.
 """
 
 from __future__ import annotations
 
-import functools
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
+
+from mridc.edge.haar import load_cascade
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 FACE_CASCADE = ASSETS_DIR / "haarcascade_frontalface_default.xml"
@@ -93,6 +90,24 @@ def parse_roi(spec: Roi | Mapping | Sequence) -> Roi:
         ) from exc
 
 
+def roi_from_config(roi):
+    """Agent configs give (x, y, w, h) tuples; everything else here takes boxes as x0, y0, x1, y1 or dicts."""
+    if isinstance(roi, (tuple, list)) and len(roi) == 4 and all(isinstance(v, (int, float)) for v in roi):
+        x, y, w, h = roi
+        return {"box": [x, y, x + w, y + h]}
+    return roi
+
+
+def scale_roi(roi, fx: float, fy: float):
+    """A ROI in a frame's pixels -> the same region in the frame resized by (fx, fy)."""
+    parsed = parse_roi(roi)
+    if isinstance(parsed, Box):
+        return {"box": [parsed.x0 * fx, parsed.y0 * fy, parsed.x1 * fx, parsed.y1 * fy]}
+    if isinstance(parsed, Polygon):
+        return {"polygon": [[x * fx, y * fy] for x, y in parsed.points]}
+    return roi
+
+
 def _box_coverage(box: Box, grid_shape: GridShape, stride: int) -> np.ndarray:
     """Exact overlap area of `box` with each token cell, as a fraction of the cell."""
     gh, gw = grid_shape
@@ -141,250 +156,55 @@ def rasterize_rois(
     return mask
 
 
-# --------------------------------------------------------------------------- Haar cascade in numpy
-
-
-@dataclass
-class HaarCascade:
-    """An OpenCV HAAR cascade (stump weak classifiers, upright and tilted features)."""
-
-    window: tuple[int, int]  # (width, height)
-    stage_thresholds: np.ndarray  # (S,)
-    stage_slices: list[slice]  # weak-classifier range per stage
-    feature_index: np.ndarray  # (K,) feature used by each weak classifier
-    node_thresholds: np.ndarray  # (K,)
-    leaves: np.ndarray  # (K, 2): value when feature < threshold, otherwise
-    rects: np.ndarray  # (F, 3, 4) int: x, y, w, h per rect (unused rects are zero)
-    weights: np.ndarray  # (F, 3)
-    tilted: np.ndarray  # (F,) bool
-
-    def __post_init__(self) -> None:
-        if not np.array_equal(self.weights, np.round(self.weights)):
-            raise ValueError("only cascades with integer rect weights are supported")
-        self.int_weights = self.weights.astype(np.int32)
-
-    @classmethod
-    def load(cls, path: str | Path) -> HaarCascade:
-        root = ET.parse(path).getroot()
-        casc = root.find("cascade")
-        if casc is None or (casc.findtext("featureType") or "").strip() != "HAAR":
-            raise ValueError(f"{path}: not an OpenCV HAAR cascade in the new XML format")
-        window = (int(casc.findtext("width")), int(casc.findtext("height")))
-        thresholds, slices, feat_idx, node_thr, leaves = [], [], [], [], []
-        for stage in casc.find("stages"):
-            start = len(feat_idx)
-            for weak in stage.find("weakClassifiers"):
-                nodes = weak.findtext("internalNodes").split()
-                if len(nodes) != 4:
-                    raise ValueError(f"{path}: only stump cascades are supported")
-                feat_idx.append(int(nodes[2]))
-                node_thr.append(float(nodes[3]))
-                leaves.append([float(v) for v in weak.findtext("leafValues").split()])
-            thresholds.append(float(stage.findtext("stageThreshold")))
-            slices.append(slice(start, len(feat_idx)))
-        features = list(casc.find("features"))
-        rects = np.zeros((len(features), 3, 4), np.int64)
-        weights = np.zeros((len(features), 3))
-        tilted = np.zeros(len(features), bool)
-        for f, feat in enumerate(features):
-            for r, rect in enumerate(feat.find("rects")):
-                vals = rect.text.split()
-                rects[f, r] = [int(v) for v in vals[:4]]
-                weights[f, r] = float(vals[4])
-            tilted[f] = (feat.findtext("tilted") or "0").strip() == "1"
-        return cls(
-            window,
-            np.array(thresholds),
-            slices,
-            np.array(feat_idx),
-            np.array(node_thr),
-            np.array(leaves),
-            rects,
-            weights,
-            tilted,
-        )
-
-    def _offsets(self, row: int, plane: int) -> np.ndarray:
-        """(F, 3, 4) flat offsets of the p0..p3 corners of each rect; sum = p0 - p1 - p2 + p3."""
-        x, y, w, h = (self.rects[..., i] for i in range(4))
-        upright = np.stack([x + row * y, x + w + row * y, x + row * (y + h), x + w + row * (y + h)], -1)
-        tilt = (
-            np.stack(
-                [
-                    x + row * y,
-                    x - h + row * (y + h),
-                    x + w + row * (y + w),
-                    x + w - h + row * (y + w + h),
-                ],
-                -1,
-            )
-            + plane
-        )
-        return np.where(self.tilted[:, None, None], tilt, upright)
-
-    def _scan(self, gray: np.ndarray, step: int) -> np.ndarray:
-        """Top-left corners (N, 2) as (x, y) of windows of one image scale the cascade accepts.
-
-        Early stages, which see most windows, run densely on strided views of the integral images;
-        once few windows survive, the rest run on gathered corners of the survivors only."""
-        ww, wh = self.window
-        sums, sqsums, tilts = cv2.integral3(gray, sdepth=cv2.CV_32S, sqdepth=cv2.CV_64F)
-        row, plane = sums.shape[1], sums.size
-        # int32 wraps, but every feature value fits in int32, so the wrapped sums are exact.
-        table = np.concatenate([sums.ravel(), tilts.ravel()])
-        ny, nx = len(range(0, gray.shape[0] - wh, step)), len(range(0, gray.shape[1] - ww, step))
-        if ny <= 0 or nx <= 0:
-            return np.zeros((0, 2), np.int64)
-        item = table.itemsize
-
-        def dense(offset: int, src: np.ndarray = table, size: int = item) -> np.ndarray:
-            return as_strided(src[offset:], (ny, nx), (row * step * size, step * size), writeable=False)
-
-        # Variance normalisation over the window less a 1-pixel border, as OpenCV does.
-        n0, n1, n2, n3 = row + 1, row + ww - 1, (wh - 1) * row + 1, (wh - 1) * row + ww - 1
-        area = (ww - 2) * (wh - 2)
-        ssum = (dense(n0) - dense(n1) - dense(n2) + dense(n3)).astype(np.float64)
-        sq = sqsums.ravel()
-        ssq = dense(n0, sq, 8) - dense(n1, sq, 8) - dense(n2, sq, 8) + dense(n3, sq, 8)
-        nf = area * ssq - ssum * ssum
-        # OpenCV skips windows whose grey-level std is 10 or less: nothing to detect there.
-        alive = nf > (10.0 * area) ** 2
-        nf = np.sqrt(np.maximum(nf, 1.0))
-        offsets = self._offsets(row, plane)
-        stages = list(zip(self.stage_thresholds, self.stage_slices, strict=True))
-        s = 0
-        while s < len(stages) and alive.mean() > 0.2:
-            stage_thr, sl = stages[s]
-            total = np.zeros((ny, nx))
-            for k in range(sl.start, sl.stop):
-                f = self.feature_index[k]
-                acc = np.zeros((ny, nx), table.dtype)
-                for r in range(3):
-                    if self.int_weights[f, r] != 0:
-                        o = offsets[f, r]
-                        acc += (dense(o[0]) - dense(o[1]) - dense(o[2]) + dense(o[3])) * self.int_weights[
-                            f, r
-                        ]
-                total += np.where(acc < self.node_thresholds[k] * nf, self.leaves[k, 0], self.leaves[k, 1])
-            alive &= total >= stage_thr
-            s += 1
-        ys, xs = np.nonzero(alive)
-        base = ys * step * row + xs * step
-        nf = nf[alive]
-        for stage_thr, sl in stages[s:]:
-            if base.size == 0:
-                break
-            feats = self.feature_index[sl]
-            corners = table[base[:, None, None, None] + offsets[feats][None]]  # (N, K, 3, 4)
-            rect_sums = corners[..., 0] - corners[..., 1] - corners[..., 2] + corners[..., 3]
-            value = (rect_sums * self.int_weights[feats][None]).sum(-1)
-            votes = np.where(
-                value < self.node_thresholds[sl] * nf[:, None], self.leaves[sl, 0], self.leaves[sl, 1]
-            )
-            keep = votes.sum(-1) >= stage_thr
-            base, nf = base[keep], nf[keep]
-        return np.stack([base % row, base // row], -1)
-
-    def detect(
-        self,
-        gray: np.ndarray,
-        scale_factor: float = 1.1,
-        min_neighbors: int = 3,
-        min_size: tuple[int, int] = (0, 0),
-        max_size: tuple[int, int] | None = None,
-    ) -> list[Box]:
-        """Detections on an 8-bit grey image, in its pixel coordinates (OpenCV's detectMultiScale)."""
-        if gray.dtype != np.uint8 or gray.ndim != 2:
-            raise ValueError("HaarCascade.detect wants a 2-D uint8 grey image")
-        ww, wh = self.window
-        h, w = gray.shape
-        max_w, max_h = max_size or (w, h)
-        found: list[tuple[float, float, float, float]] = []
-        factor = 1.0
-        while True:
-            sw, sh = round(w / factor), round(h / factor)
-            win_w, win_h = round(ww * factor), round(wh * factor)
-            if sw - ww <= 0 or sh - wh <= 0 or win_w > max_w or win_h > max_h:
-                break
-            if win_w >= min_size[0] and win_h >= min_size[1]:
-                scaled = gray if factor == 1.0 else cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_LINEAR)
-                for x, y in self._scan(scaled, 1 if factor > 2 else 2):
-                    found.append((round(x * factor), round(y * factor), win_w, win_h))
-            factor *= scale_factor
-        return [Box(x, y, x + bw, y + bh) for x, y, bw, bh in group_rectangles(found, min_neighbors)]
-
-
-def group_rectangles(
-    rects: Sequence[tuple[float, float, float, float]], min_neighbors: int, eps: float = 0.2
-) -> list[tuple[float, float, float, float]]:
-    """Cluster similar (x, y, w, h) rects and average each cluster of more than `min_neighbors`
-    (OpenCV's groupRectangles, without its nested-rectangle pass)."""
-    n = len(rects)
-    if n == 0:
-        return []
-    r = np.asarray(rects, np.float64)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    x0, y0, x1, y1 = r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]
-    for i in range(n):
-        delta = eps * (np.minimum(r[i, 2], r[:, 2]) + np.minimum(r[i, 3], r[:, 3])) * 0.5
-        near = (
-            (np.abs(x0[i] - x0) <= delta)
-            & (np.abs(y0[i] - y0) <= delta)
-            & (np.abs(x1[i] - x1) <= delta)
-            & (np.abs(y1[i] - y1) <= delta)
-        )
-        for j in np.flatnonzero(near[i + 1 :]) + i + 1:
-            parent[find(int(j))] = find(i)
-    labels = np.array([find(i) for i in range(n)])
-    out = []
-    for lab in np.unique(labels):
-        members = r[labels == lab]
-        if len(members) > min_neighbors:
-            out.append(tuple(float(v) for v in members.mean(0)))
-    return out
-
-
-@functools.cache
-def load_cascade(path: str) -> HaarCascade:
-    return HaarCascade.load(path)
-
-
 # --------------------------------------------------------------------------- detector sources
 
 KeySource = Callable[[np.ndarray, GridShape, int], np.ndarray]
 """(image_rgb_uint8, grid_shape, stride) -> float32 (gh, gw) key score in [0, 1] (>= 0.5 means key)."""
 
-_SOURCES: dict[str, KeySource] = {}
+
+
+class KeySourceRegistry:
+    """Key-region sources by name (detectors the encoder runs when a config names them)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, KeySource] = {}
+
+    def register(self, name: str, source: KeySource | None = None):
+        """Register `source` under `name`; usable as a decorator."""
+
+        def add(fn: KeySource) -> KeySource:
+            if name in self._sources:
+                raise ValueError(f"key source {name!r} is already registered")
+            self._sources[name] = fn
+            return fn
+
+        return add(source) if source is not None else add
+
+    def names(self) -> list[str]:
+        return sorted(self._sources)
+
+    def get(self, name: str) -> KeySource:
+        try:
+            return self._sources[name]
+        except KeyError:
+            raise ValueError(f"unknown key source {name!r}; registered: {self.names()}") from None
+
+
+KEY_SOURCES = KeySourceRegistry()
+"""The default registry: ``faces`` and ``bodies`` (below), plus whatever `register_key_source` adds."""
 
 
 def register_key_source(name: str, source: KeySource | None = None):
-    """Register a key-region source under `name`; usable as a decorator."""
-
-    def add(fn: KeySource) -> KeySource:
-        if name in _SOURCES:
-            raise ValueError(f"key source {name!r} is already registered")
-        _SOURCES[name] = fn
-        return fn
-
-    return add(source) if source is not None else add
+    """Register a key-region source in `KEY_SOURCES`; usable as a decorator."""
+    return KEY_SOURCES.register(name, source)
 
 
 def key_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return KEY_SOURCES.names()
 
 
 def get_key_source(name: str) -> KeySource:
-    try:
-        return _SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown key source {name!r}; registered: {key_sources()}") from None
+    return KEY_SOURCES.get(name)
 
 
 def _grey(image_rgb: np.ndarray) -> np.ndarray:
@@ -412,7 +232,7 @@ def detect_boxes(
     grey = cv2.equalizeHist(grey)
     cascade = load_cascade(str(cascade_path))
     boxes = cascade.detect(grey, scale_factor, min_neighbors=min_neighbors, min_size=(min_size, min_size))
-    return [Box(b.x0 * scale, b.y0 * scale, b.x1 * scale, b.y1 * scale) for b in boxes]
+    return [Box(x0 * scale, y0 * scale, x1 * scale, y1 * scale) for x0, y0, x1, y1 in boxes]
 
 
 def detect_faces(image_rgb: np.ndarray) -> list[Box]:
@@ -453,8 +273,9 @@ def detect_key_regions(
     rois: Iterable[Roi | Mapping | Sequence] = (),
     use_faces: bool = True,
     sources: Sequence[str] = (),
+    registry: KeySourceRegistry = KEY_SOURCES,
 ) -> KeyRegions:
-    """Key tokens from user ROIs, faces (if `use_faces`) and the named registered `sources`.
+    """Key tokens from user ROIs, faces (if `use_faces`) and the named `sources` of `registry`.
 
     `image_rgb` is the frame as captured or padded to the grid (ROIs and detections are in its pixel
     coordinates, which the encoder's bottom/right padding leaves unchanged)."""
@@ -466,7 +287,7 @@ def detect_key_regions(
         per_source["rois"] = rasterize_rois(roi_list, grid_shape, stride)
     names = (["faces"] if use_faces else []) + [s for s in sources if s != "faces" or not use_faces]
     for name in names:
-        per_source[name] = get_key_source(name)(image_rgb, grid_shape, stride) >= 0.5
+        per_source[name] = registry.get(name)(image_rgb, grid_shape, stride) >= 0.5
     mask = np.zeros(grid_shape, bool)
     for m in per_source.values():
         mask |= m
@@ -486,9 +307,10 @@ def detect_key_mask(
 
 
 __all__ = [
+    "KEY_SOURCES",
     "Box",
-    "HaarCascade",
     "KeyRegions",
+    "KeySourceRegistry",
     "Polygon",
     "Roi",
     "detect_bodies",
@@ -497,10 +319,11 @@ __all__ = [
     "detect_key_mask",
     "detect_key_regions",
     "get_key_source",
-    "group_rectangles",
     "key_sources",
     "parse_roi",
     "rasterize_rois",
     "register_key_source",
     "roi_coverage",
+    "roi_from_config",
+    "scale_roi",
 ]

@@ -24,10 +24,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import cv2
 import numpy as np
+
+from mridc.shared import protocol
 
 GridShape = tuple[int, int]
 PackFn = Callable[[np.ndarray], bytes]
@@ -84,7 +86,7 @@ def pad_to_grid(image: np.ndarray, grid_shape: GridShape, stride: int) -> np.nda
 
 def grid_shape_for(height: int, width: int, stride: int) -> GridShape:
     """Token grid of a frame padded up to a multiple of `stride`."""
-    return -(-height // stride), -(-width // stride)
+    return protocol.grid_shape(width, height, stride)
 
 
 def _normalise(values: np.ndarray, percentile: float) -> np.ndarray:
@@ -222,7 +224,8 @@ def mask_from_order(order: np.ndarray, n_keep: int, grid_shape: GridShape) -> np
     return keep.reshape(grid_shape)
 
 
-def _key_warning(n_keep: int, key_mask: np.ndarray | None, config: MaskingConfig) -> str | None:
+def key_region_warning(n_keep: int, key_mask: np.ndarray | None, config: MaskingConfig) -> str | None:
+    """The warning to show when keeping `n_keep` tokens masks key-region tokens (None when it does not)."""
     if key_mask is None or not config.protect_key_regions:
         return None
     n_key = int(np.count_nonzero(key_mask))
@@ -249,7 +252,7 @@ def select_keep_mask(
         raise ValueError(f"n_keep={n_keep} outside [0, {n_total}]")
     order = selection_order(priority, key_mask, config)
     return KeepSelection(
-        mask_from_order(order, n_keep, priority.shape), _key_warning(n_keep, key_mask, config)
+        mask_from_order(order, n_keep, priority.shape), key_region_warning(n_keep, key_mask, config)
     )
 
 
@@ -291,33 +294,37 @@ def _mask_bits(n: np.ndarray, n_total: int) -> np.ndarray:
     return np.where((n == 0) | (n == n_total), 0.0, h * n_total)
 
 
-def fit_to_budget(
-    tokens: np.ndarray | None,
-    priority: np.ndarray,
-    key_mask: np.ndarray | None,
+class SearchSettings(Protocol):
+    """The rate search's first size estimate and its bound (`MaskingConfig` has these fields)."""
+
+    token_bits_guess: float
+    header_bytes_guess: float
+    mask_bits_factor: float
+    max_pack_calls: int
+
+
+def fit_order_to_budget(
+    order: np.ndarray,
+    grid: GridShape,
     target_bytes: int,
     pack: PackFn,
-    config: MaskingConfig | None = None,
+    settings: SearchSettings | None = None,
     *,
     token_bits: np.ndarray | None = None,
     start_keep: int | None = None,
 ) -> tuple[np.ndarray, bytes, RateInfo]:
-    """The keep mask with the most tokens (in `selection_order`) whose packed stream fits the budget.
+    """The longest prefix of `order` (raster indices, best first) whose packed stream fits the budget.
 
     Sizes are measured by `pack(keep_mask) -> bytes`, never computed by formula. The result satisfies
     ``len(pack(mask_n)) <= target_bytes < len(pack(mask_n+1))`` (or n is all tokens): a bracketed
     search seeded by a size model (or `start_keep`, e.g. the previous frame's count), a handful of
     pack calls. `token_bits` (gh, gw), each token's code length under the shipped prior
     (``-log2(freq / 2**16)``), sharpens the model so that two or three calls usually suffice.
+    The returned info has no key-region fields (n_key 0, no warning): the selection policy owns those.
     Raises ValueError when even the stream with no token kept is over the budget.
     """
-    config = config or MaskingConfig()
-    priority = np.asarray(priority)
-    if tokens is not None and np.shape(tokens) != priority.shape:
-        raise ValueError(f"tokens shape {np.shape(tokens)} differs from priority shape {priority.shape}")
-    grid = priority.shape
-    n_total = priority.size
-    order = selection_order(priority, key_mask, config)
+    config = settings or MaskingConfig()
+    n_total = grid[0] * grid[1]
     sizes: dict[int, bytes] = {}
 
     def size(n: int) -> int:
@@ -331,7 +338,7 @@ def fit_to_budget(
     if token_bits is None:
         per_token = np.full(n_total, config.token_bits_guess)
     else:
-        if np.shape(token_bits) != grid:
+        if np.shape(token_bits) != tuple(grid):
             raise ValueError(f"token_bits shape {np.shape(token_bits)} differs from the grid {grid}")
         per_token = np.asarray(token_bits, np.float64).ravel()[order]
     model_bits = np.concatenate([[0.0], np.cumsum(per_token)])
@@ -375,29 +382,55 @@ def fit_to_budget(
             f"budget of {target_bytes} bytes is below the smallest possible stream "
             f"({size(0)} bytes: header and mask with no token kept)"
         )
-    keep = mask_from_order(order, lo, grid)
-    n_key = int(np.count_nonzero(key_mask)) if key_mask is not None else 0
     info = RateInfo(
         n_keep=lo,
         n_tokens=n_total,
-        n_key=n_key,
+        n_key=0,
         target_bytes=target_bytes,
         stream_bytes=len(sizes[lo]),
         next_bytes=len(sizes[lo + 1]) if lo + 1 in sizes else None,
         pack_calls=len(sizes),
-        warning=_key_warning(lo, key_mask, config),
+        warning=None,
     )
-    return keep, sizes[lo], info
+    return mask_from_order(order, lo, grid), sizes[lo], info
+
+
+def fit_to_budget(
+    tokens: np.ndarray | None,
+    priority: np.ndarray,
+    key_mask: np.ndarray | None,
+    target_bytes: int,
+    pack: PackFn,
+    config: MaskingConfig | None = None,
+    *,
+    token_bits: np.ndarray | None = None,
+    start_keep: int | None = None,
+) -> tuple[np.ndarray, bytes, RateInfo]:
+    """The keep mask with the most tokens (in `selection_order`) whose packed stream fits the budget
+    (`fit_order_to_budget` over the map-guided order; the info says how many key tokens were masked)."""
+    config = config or MaskingConfig()
+    priority = np.asarray(priority)
+    if tokens is not None and np.shape(tokens) != priority.shape:
+        raise ValueError(f"tokens shape {np.shape(tokens)} differs from priority shape {priority.shape}")
+    order = selection_order(priority, key_mask, config)
+    keep, stream, info = fit_order_to_budget(order, priority.shape, target_bytes, pack, config,
+                                             token_bits=token_bits, start_keep=start_keep)
+    n_key = int(np.count_nonzero(key_mask)) if key_mask is not None else 0
+    info = dataclasses.replace(info, n_key=n_key, warning=key_region_warning(info.n_keep, key_mask, config))
+    return keep, stream, info
 
 
 __all__ = [
     "KeepSelection",
     "MaskingConfig",
     "RateInfo",
+    "SearchSettings",
     "anchor_mask",
+    "fit_order_to_budget",
     "fit_to_budget",
     "grid_shape_for",
     "keep_count_for_ratio",
+    "key_region_warning",
     "mask_from_order",
     "neighbour_difference",
     "pad_to_grid",

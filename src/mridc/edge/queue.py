@@ -27,16 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from mridc.shared.protocol import AckStatus, build_envelope, is_final
 from mridc.v1 import mridc_pb2
 
 POLICIES = ("drop_oldest", "drop_newest", "lower_bpp")
-
-# FrameAck statuses that remove a frame from the queue.
-_FINAL_STATUSES = {
-    mridc_pb2.FrameAck.STORED: "stored",
-    mridc_pb2.FrameAck.DUPLICATE: "duplicate",
-    mridc_pb2.FrameAck.REJECTED: "rejected",
-}
 
 _COUNTERS = (
     "accepted",
@@ -82,15 +76,8 @@ class QueuedFrame:
     attempts: int = 0
 
     def to_envelope(self) -> mridc_pb2.FrameEnvelope:
-        return mridc_pb2.FrameEnvelope(
-            device_id=self.device_id,
-            sequence=self.sequence,
-            capture_time_us=self.capture_time_us,
-            bitstream=self.bitstream,
-            content_hash=self.content_hash,
-            model_id=self.model_id,
-            meta=self.meta,
-        )
+        return build_envelope(self.device_id, self.sequence, self.bitstream, self.model_id,
+                              capture_time_us=self.capture_time_us, content_hash=self.content_hash, meta=self.meta)
 
 
 @dataclass(frozen=True)
@@ -235,31 +222,20 @@ class FrameQueue:
         ]
         return frames[:limit]
 
-    def get(self, sequence: int) -> QueuedFrame | None:
-        with self._lock:
-            r = self._db.execute(
-                "SELECT sequence, capture_time_us, bitstream, content_hash, model_id, meta_json, attempts"
-                " FROM frames WHERE sequence = ?",
-                (sequence,),
-            ).fetchone()
-        if r is None:
-            return None
-        return QueuedFrame(self.device_id, int(r[0]), int(r[1]), bytes(r[2]), bytes(r[3]), int(r[4]),
-                           json.loads(r[5]), int(r[6]))
-
     def mark_sent(self, sequence: int) -> None:
+        """Count one send of the frame (its ``attempts``); the forwarder calls it after each send."""
         with self._tx():
             self._db.execute("UPDATE frames SET attempts = attempts + 1 WHERE sequence = ?", (sequence,))
 
     def ack(self, sequence: int, status: int) -> bool:
         """Apply a cloud ack. Returns True if the frame left the queue (False: kept or unknown)."""
         with self._tx():
-            if status in _FINAL_STATUSES:
+            if is_final(status):  # the frame leaves the queue
                 removed = self._db.execute("DELETE FROM frames WHERE sequence = ?", (sequence,)).rowcount
                 if removed:
-                    self._bump(f"acked_{_FINAL_STATUSES[status]}")
+                    self._bump(f"acked_{AckStatus(status).name.lower()}")
                 return bool(removed)
-            if status == mridc_pb2.FrameAck.RETRY_LATER:
+            if status == AckStatus.RETRY_LATER:
                 self._bump("retry_later")
             return False
 

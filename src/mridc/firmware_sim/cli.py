@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from mridc.firmware_sim.link import OUTAGE_MODES, PROFILES
+from mridc.lab.link import OUTAGE_MODES, PROFILES
 
 
 def _profiles_help() -> str:
@@ -103,7 +103,7 @@ def link_options(args: argparse.Namespace) -> dict:
 
 
 def _run_link(args: argparse.Namespace) -> int:
-    from mridc.firmware_sim.link import LinkEmulator
+    from mridc.lab.link import LinkEmulator
 
     try:
         link = LinkEmulator(args.upstream, args.listen, **link_options(args))
@@ -130,13 +130,14 @@ def _read(path: str | None) -> str | None:
 
 def _run_fleet(args: argparse.Namespace) -> int:
     from mridc.edge.transport.base import TlsFiles
-    from mridc.firmware_sim.fleet import Fleet, SyntheticEncoder
+    from mridc.lab.fleet import Fleet
+    from mridc.lab.synthetic import SyntheticEncoder
 
     if args.encoder == "model":
         from mridc.edge.encoder import EdgeEncoder
 
         def factory():
-            return EdgeEncoder()
+            return EdgeEncoder.from_bundle()
     else:
         def factory():
             return SyntheticEncoder(delay_s=args.encode_delay_ms / 1000.0)

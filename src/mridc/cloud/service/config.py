@@ -10,12 +10,9 @@ import dataclasses
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
-
-SHARED_GROUP = "mridc-decoders"
-FRAMES_FILTER = f"$share/{SHARED_GROUP}/mridc/v1/+/frames"
 
 
 class ConfigError(ValueError):
@@ -72,7 +69,6 @@ class ServiceConfig:
     # Logs.
     log_format: str = "json"  # json | text
     log_level: str = "INFO"
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def mqtt_endpoint(self) -> tuple[str, int, bool]:
@@ -126,7 +122,7 @@ def load_config(path: str | Path | None = None, **overrides) -> ServiceConfig:
         data = tomllib.loads(Path(path).read_text())
         values.update(data.get("service", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ServiceConfig)} - {"extra"}
+    known = {f.name for f in dataclasses.fields(ServiceConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
@@ -139,8 +135,6 @@ def config_to_dict(config: ServiceConfig) -> dict:
     """Plain-data form (paths as strings), for handing a config to a worker process."""
     out = {}
     for f in dataclasses.fields(config):
-        if f.name == "extra":
-            continue
         value = getattr(config, f.name)
         out[f.name] = str(value) if isinstance(value, Path) else value
     return out

@@ -86,15 +86,14 @@ class FrameIngestServicer(mridc_pb2_grpc.FrameIngestServicer):
         if len(request.bitstream) > self.config.max_bitstream_bytes:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bitstream too large")
         try:
-            self.service.decoder.validate(request.bitstream)
+            frame = self.service.decoder.validate(request.bitstream)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad bitstream: {exc}")
         start = time.monotonic()
-        kwargs = {"realism": float(request.realism), "seed": int(request.seed)}
-        if request.steps:
-            kwargs["steps"] = int(request.steps)
+        settings = self.service.decode_settings(realism=float(request.realism), seed=int(request.seed),
+                                                steps=int(request.steps) or None)
         with self.service.decoder_lock:
-            image = self.service.decoder.decode_batch([request.bitstream], **kwargs)[0]
+            image = self.service.decoder.decode_frames([frame], settings)[0].image
         seconds = time.monotonic() - start
         from PIL import Image
 

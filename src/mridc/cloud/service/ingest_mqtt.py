@@ -1,6 +1,7 @@
 """MQTT 5 ingest: a shared subscription, QoS 1, manual acknowledgements.
 
-- Every worker subscribes to `$share/mridc-decoders/mridc/v1/+/frames`; the broker splits the stream.
+- Every worker subscribes to the shared frames filter (`mridc.shared.protocol.shared_frames_filter`); the
+  broker splits the stream.
 - A broker message is PUBACKed only in the frame's `done` callback, i.e. after the result is stored (or the
   frame is rejected / a duplicate). A worker that dies holds unacked messages in its broker session.
 - The session is persistent (clean_start=False, Session Expiry) under a stable client id = worker id, so a
@@ -20,17 +21,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from mridc.shared.protocol import Channel, acks_topic, device_from_topic, shared_frames_filter
 from mridc.v1 import mridc_pb2
 
-from .config import FRAMES_FILTER, ServiceConfig
-from .validation import FrameRejected, device_from_topic, parse_envelope
+from .config import ServiceConfig
+from .validation import FrameRejected, parse_envelope
 from .worker import Ack, DecodeService, make_ack
 
 log = logging.getLogger("mridc.cloud.service.mqtt")
-
-
-def ack_topic(device_id: str) -> str:
-    return f"mridc/v1/{device_id}/acks"
 
 
 class MqttIngest:
@@ -79,7 +77,7 @@ class MqttIngest:
                                                       "client_id": self.config.worker_id}})
         self.connected.set()
         # Subscribing in on_connect brings the subscription back after any reconnect.
-        client.subscribe(FRAMES_FILTER, qos=1)
+        client.subscribe(shared_frames_filter(), qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -95,7 +93,7 @@ class MqttIngest:
     def _on_message(self, client, userdata, message) -> None:
         if self.paused.is_set():
             return  # shutting down: leave it unacked in the session
-        topic_device = device_from_topic(message.topic)
+        topic_device = device_from_topic(message.topic, Channel.FRAMES)
         done = self._done_callback(message.mid, message.qos, topic_device)
         try:
             envelope = parse_envelope(message.payload, self.service.limits)
@@ -118,7 +116,7 @@ class MqttIngest:
                 return
             acked.set()
             if topic_device is not None:
-                self.client.publish(ack_topic(topic_device), ack.SerializeToString(), qos=1)
+                self.client.publish(acks_topic(topic_device), ack.SerializeToString(), qos=1)
             if qos > 0:
                 self.client.ack(mid, qos)
 

@@ -8,17 +8,14 @@ short machine-readable `code` (a metric label) and a human-readable `detail` (se
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from mridc.shared.protocol import DEVICE_ID_RULE, is_valid_device_id
 from mridc.v1 import mridc_pb2
-
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-FRAMES_TOPIC_RE = re.compile(r"^mridc/v1/([^/]+)/frames$")
 
 REJECT_CODES = (
     "payload_too_large", "malformed_envelope", "bad_device_id", "topic_mismatch", "unauthorized_device",
@@ -51,11 +48,6 @@ class ValidFrame:
     payload_bytes: int
 
 
-def device_from_topic(topic: str) -> str | None:
-    match = FRAMES_TOPIC_RE.match(topic)
-    return match.group(1) if match else None
-
-
 def parse_envelope(payload: bytes, limits: Limits) -> mridc_pb2.FrameEnvelope:
     if len(payload) > limits.max_payload_bytes:
         raise FrameRejected("payload_too_large", f"{len(payload)} bytes > limit {limits.max_payload_bytes}")
@@ -71,8 +63,8 @@ def check_envelope(envelope: mridc_pb2.FrameEnvelope, limits: Limits, *, topic_d
                    authenticated_device: str | None = None) -> None:
     """Field checks that need no bitstream parsing."""
     device = envelope.device_id
-    if not DEVICE_ID_RE.match(device):
-        raise FrameRejected("bad_device_id", f"device_id {device[:80]!r} is not [A-Za-z0-9_-]{{1,64}}")
+    if not is_valid_device_id(device):
+        raise FrameRejected("bad_device_id", f"device_id {device[:80]!r} is not {DEVICE_ID_RULE}")
     if topic_device is not None and topic_device != device:
         raise FrameRejected("topic_mismatch", f"envelope device {device!r} published on {topic_device!r}'s topic")
     if authenticated_device is not None and authenticated_device != device:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mridc.shared.protocol import build_ack as make_ack
 from mridc.v1 import mridc_pb2
 
 from .config import ServiceConfig
@@ -37,9 +38,11 @@ AckCallback = Callable[[mridc_pb2.FrameAck], None]
 class FrameDecoder(Protocol):
     """What the service needs from a decoder (mridc.cloud.pipeline.MRIDCDecoder satisfies it)."""
 
-    def validate(self, bitstream: bytes) -> Any: ...
+    def validate(self, bitstream: bytes) -> Any: ...  # bytes -> TokenFrame, or a ValueError
 
-    def decode_batch(self, bitstreams: Sequence[bytes], realism: float = 0.0, seed: int = 0) -> list[np.ndarray]: ...
+    # The TokenFrames that `validate` returned -> one output with an `.image` (HxWx3 uint8) each: a frame's
+    # stream is parsed once, not again to decode.
+    def decode_frames(self, frames: Sequence[Any], settings: Any = None) -> list[Any]: ...
 
 
 def load_decoder(spec: str, models_dir=None, device: str = "cpu") -> FrameDecoder:
@@ -63,10 +66,6 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
-
-
-def make_ack(device_id: str, sequence: int, status: int, reason: str = "") -> mridc_pb2.FrameAck:
-    return mridc_pb2.FrameAck(device_id=device_id, sequence=sequence, status=status, reason=reason)
 
 
 @dataclass
@@ -246,27 +245,33 @@ class DecodeService:
             if batch:
                 self._decode_batch(batch)
 
-    def _decode_kwargs(self) -> dict:
-        kwargs = {"realism": self.config.realism, "seed": self.config.seed}
-        if self.config.steps:
-            kwargs["steps"] = self.config.steps
-        return kwargs
+    def decode_settings(self, realism: float | None = None, seed: int | None = None, steps: int | None = None):
+        from mridc.cloud.pipeline import DecodeSettings  # torch-side; the service always runs beside it
+
+        steps = steps or self.config.steps
+        return DecodeSettings(realism=self.config.realism if realism is None else realism,
+                              seed=self.config.seed if seed is None else seed,
+                              **({"steps": steps} if steps else {}))
+
+    def _decode(self, frames: list[ValidFrame]) -> list[np.ndarray]:
+        # The TokenFrames that validation parsed are decoded as they are: each stream is parsed once.
+        outputs = self.decoder.decode_frames([f.token_frame for f in frames], self.decode_settings())
+        return [out.image for out in outputs]
 
     def _decode_batch(self, batch: list[DecodeJob]) -> None:
         start = time.monotonic()
-        bitstreams = [job.frame.envelope.bitstream for job in batch]
         images: list[np.ndarray | Exception]
         try:
             with self.decoder_lock:
-                images = list(self.decoder.decode_batch(bitstreams, **self._decode_kwargs()))
+                images = self._decode([job.frame for job in batch])
         except Exception:
             # One poisoned frame must not sink the batch: retry one by one to find it.
             log.exception("batch decode failed; retrying frame by frame")
             images = []
-            for bitstream in bitstreams:
+            for job in batch:
                 try:
                     with self.decoder_lock:
-                        images.append(self.decoder.decode_batch([bitstream], **self._decode_kwargs())[0])
+                        images.append(self._decode([job.frame])[0])
                 except Exception as exc:
                     log.warning("frame decode failed", exc_info=True)
                     images.append(exc)

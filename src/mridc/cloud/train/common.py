@@ -1,11 +1,10 @@
-"""Habits shared by every trainer: device choice, seeds, atomic checkpoints with exact resume, a JSONL loss log,
-and a budget in steps and/or minutes."""
+"""Habits shared by every trainer: device choice, seeds, exact-resume state (runs/*/last.pt), a JSONL loss log,
+and a budget in steps and/or minutes. Model files (best.pt, shipped weights) go through `mridc.cloud.zoo`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mridc.cloud.zoo import load_model
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -41,15 +42,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file then rename, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class JsonlLog:
@@ -90,15 +82,6 @@ class Budget:
         return (self.steps and step >= self.steps) or (self.minutes and self.elapsed() >= self.minutes * 60)
 
 
-def to_half_state_dict(module: torch.nn.Module) -> dict:
-    """Weights for shipping: floating tensors in fp16 (half the size; the decoder computes in fp32).
-
-    The codebook stays fp32: the model id is a hash of it and the edge searches it.
-    """
-    return {k: (v.half() if v.is_floating_point() and "codebook" not in k else v)
-            for k, v in module.state_dict().items()}
-
-
 def add_common_arguments(p: argparse.ArgumentParser, *, kind: str, batch: int, crop: int, lr: float,
                          frozen_tokenizer: bool) -> None:
     """Options every trainer shares (data, run folder, budget, device, init), with per-model defaults."""
@@ -126,13 +109,11 @@ def trainer_main(description: str, add_arguments, train, argv=None) -> int:
     return 0
 
 
-def init_from_shipped(model_cls, cfg_cls, path, device: torch.device):
+def init_from_shipped(kind: str, path, device: torch.device):
     """A model rebuilt from a shipped weights file (its config included), or None if `path` is unset/missing."""
     if not path or not Path(path).exists():
         return None
-    blob = torch.load(path, map_location=device, weights_only=False)
-    model = model_cls(cfg_cls.from_dict(blob["config"])).to(device)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    model = load_model(path, kind, device).train()  # a freshly built model trains from train mode too
     print(f"initialised weights from {path}")
     return model
 

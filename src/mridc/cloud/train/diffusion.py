@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mridc.cloud.data import CropSampler, default_train_sources, parse_source
 from mridc.cloud.diffusion.pipeline import diffusion_condition
 from mridc.cloud.diffusion.scheduler import DDIMScheduler
 from mridc.cloud.diffusion.unet import ConditionalUNet, UNetConfig, tiny_unet_config
@@ -19,7 +20,6 @@ from mridc.cloud.train.common import (
     Budget,
     JsonlLog,
     add_common_arguments,
-    atomic_save,
     data_streams,
     init_from_shipped,
     pick_device,
@@ -28,9 +28,8 @@ from mridc.cloud.train.common import (
     seed_everything,
     trainer_main,
 )
-from mridc.cloud.train.data import CropSampler, default_train_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
-from mridc.cloud.zoo import load_model
+from mridc.cloud.zoo import atomic_save, load_model, save_checkpoint
 from mridc.shared.zoo import default_shared_data_dir
 
 
@@ -56,7 +55,7 @@ def train_diffusion(args: argparse.Namespace) -> Path:
     stride = tokenizer.cfg.stride
     cfg = tiny_unet_config() if args.tiny else UNetConfig()
     model = ConditionalUNet(cfg).to(device)
-    model = init_from_shipped(ConditionalUNet, UNetConfig, args.init, device) or model
+    model = init_from_shipped("diffusion", args.init, device) or model
     scheduler = DDIMScheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -104,8 +103,8 @@ def train_diffusion(args: argparse.Namespace) -> Path:
             log.write(step=step, elapsed=budget.elapsed(), loss=loss)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % args.save_every == 0 or budget.done(step):
-            atomic_save({"kind": "diffusion", "config": model.cfg.to_dict(), "state_dict": ema,
-                         "meta": {"step": step, "ema": args.ema, "tokenizer": str(args.tokenizer)}}, run_dir / "best.pt")
+            save_checkpoint(run_dir / "best.pt", "diffusion", ema, config=model.cfg.to_dict(),  # the EMA weights ship
+                            meta={"step": step, "ema": args.ema, "tokenizer": str(args.tokenizer)})
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
                          "elapsed": budget.elapsed(), "rng": rng_state(), "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
     bar.close()

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mridc.cloud.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, masked_token_loss, tiny_predictor_config
 from mridc.cloud.train.common import (
     Budget,
     JsonlLog,
     add_common_arguments,
-    atomic_save,
     data_streams,
     init_from_shipped,
     pick_device,
@@ -24,9 +24,8 @@ from mridc.cloud.train.common import (
     seed_everything,
     trainer_main,
 )
-from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.train.masks import sample_keep_masks
-from mridc.cloud.zoo import load_model
+from mridc.cloud.zoo import atomic_save, load_model, save_model
 from mridc.shared.zoo import default_shared_data_dir
 
 
@@ -53,7 +52,7 @@ def train_predictor(args: argparse.Namespace) -> Path:
     stride = tokenizer.cfg.stride
     cfg = tiny_predictor_config(tokenizer.cfg.codebook_size) if args.tiny else PredictorConfig(codebook_size=tokenizer.cfg.codebook_size)
     model = BidirectionalTokenPredictor(cfg).to(device)
-    model = init_from_shipped(BidirectionalTokenPredictor, PredictorConfig, args.init, device) or model
+    model = init_from_shipped("predictor", args.init, device) or model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.96), weight_decay=0.01)
     budget = Budget(args.steps, args.minutes)
     ck = resume_state(run_dir, device, model, opt, budget)
@@ -97,9 +96,8 @@ def train_predictor(args: argparse.Namespace) -> Path:
             is_best = metrics["top1"] > best
             if is_best:
                 best = metrics["top1"]
-                atomic_save({"kind": "predictor", "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                             "meta": {"step": step, "val": metrics, "tokenizer": str(args.tokenizer)}},
-                            run_dir / "best.pt")
+                save_model(run_dir / "best.pt", "predictor", model,
+                           {"step": step, "val": metrics, "tokenizer": str(args.tokenizer)}, half=False)
             log.write(step=step, eval=metrics, best=is_best)
             tqdm.write(f"[eval step {step}] top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f}")
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,

@@ -19,16 +19,18 @@ import torch
 
 
 def ship_best(run_best: Path, kind: str, dest: Path, extra_meta: dict) -> None:
-    from mridc.cloud.zoo import KINDS, save_model
+    from mridc.cloud.zoo import load_model, save_model
 
-    blob = torch.load(run_best, map_location="cpu", weights_only=False)
-    cfg_cls, model_cls = KINDS[kind]
-    model = model_cls(cfg_cls.from_dict(blob["config"]))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
-    meta = dict(blob.get("meta", {}))
-    meta.update(extra_meta)
-    save_model(dest, kind, model, meta)
+    model = load_model(run_best, kind)
+    save_model(dest, kind, model, {**model.meta, **extra_meta})
     print(f"shipped {kind} -> {dest} ({dest.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+
+def ship_discriminator(run_disc: Path, dest: Path) -> None:
+    """The GAN's discriminator, so a later session continues adversarial training (`--init-disc`)."""
+    from mridc.cloud.zoo import load_checkpoint, save_checkpoint
+
+    save_checkpoint(dest, "discriminator", load_checkpoint(run_disc, "discriminator")["state_dict"], half=True)
 
 
 def main(argv=None) -> int:
@@ -69,9 +71,7 @@ def main(argv=None) -> int:
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         ship_best(runs / "tokenizer" / "best.pt", "tokenizer", tok_ship, hw)
-        disc = torch.load(runs / "tokenizer" / "disc.pt", map_location="cpu", weights_only=False)
-        torch.save({"kind": "discriminator", "state_dict": {k: v.half() for k, v in disc["state_dict"].items()}},
-                   ship / "tokenizer_disc.pt")
+        ship_discriminator(runs / "tokenizer" / "disc.pt", ship / "tokenizer_disc.pt")
 
     procs = []
     for kind, batch, crop in (("predictor", args.predictor_batch, args.predictor_crop),

@@ -20,19 +20,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mridc.cloud.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.discriminator import PatchDiscriminator, hinge_d_loss, r1_penalty
 from mridc.cloud.tokenizer import TokenizerConfig, VQTokenizer, tiny_tokenizer_config
 from mridc.cloud.train.common import (
     Budget,
     JsonlLog,
-    atomic_save,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
 )
-from mridc.cloud.train.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.train.losses import adaptive_gan_weight, feature_matching_loss, ms_ssim_loss, selection_score
+from mridc.cloud.zoo import atomic_save, load_checkpoint, load_model, save_checkpoint, save_model
 from mridc.shared.zoo import default_shared_data_dir
 
 
@@ -135,12 +135,10 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         data_rng_state = ck.get("data_rng")
         print(f"resumed from {resume} at step {step}")
     elif args.init:
-        blob = torch.load(args.init, map_location=device, weights_only=False)
-        model = VQTokenizer(TokenizerConfig.from_dict(blob["config"])).to(device)
-        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+        model = load_model(args.init, "tokenizer", device).train()
         opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.5, 0.9))
         if args.init_disc and Path(args.init_disc).exists():
-            disc.load_state_dict({k: v.float() for k, v in torch.load(args.init_disc, map_location=device)["state_dict"].items()})
+            disc.load_state_dict(load_checkpoint(args.init_disc, "discriminator", device)["state_dict"])
             gan_start_step = -tcfg.disc_warmup - tcfg.gan_ramp  # GAN already trained: no warm-up again
         print(f"initialised weights from {args.init}")
         if gan_start_step is None and args.init_gan_on:
@@ -172,9 +170,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     if step == 0 and args.init:  # the starting weights are a candidate too: GAN must beat them to be kept
         metrics = evaluate(model, val, tcfg.select)
         best_score = metrics["score"]
-        atomic_save({"kind": "tokenizer", "config": model.cfg.to_dict(), "state_dict": model.state_dict(),
-                     "meta": {"step": 0, "val": metrics, "train": asdict(tcfg), "gan_active": False,
-                              "init": str(args.init)}}, run_dir / "best.pt")
+        save_model(run_dir / "best.pt", "tokenizer", model, {"step": 0, "val": metrics, "train": asdict(tcfg),
+                                                             "gan_active": False, "init": str(args.init)}, half=False)
         log.write(step=0, eval=metrics, best=True)
         tqdm.write(f"[eval start] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} score {metrics['score']:.2f}")
     budget.start()
@@ -240,10 +237,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
             is_best = metrics["score"] > best_score
             if is_best:
                 best_score = metrics["score"]
-                atomic_save({"kind": "tokenizer", "config": model.cfg.to_dict(),
-                             "state_dict": model.state_dict(),
-                             "meta": {"step": step, "val": metrics, "train": asdict(tcfg),
-                                      "gan_active": bool(gan_on)}}, run_dir / "best.pt")
+                save_model(run_dir / "best.pt", "tokenizer", model, {"step": step, "val": metrics, "train": asdict(tcfg),
+                                                                     "gan_active": bool(gan_on)}, half=False)
             log.write(step=step, eval=metrics, best=is_best)
             tqdm.write(f"[eval step {step}] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} "
                        f"score {metrics['score']:.2f} perplexity {metrics['codebook_perplexity']:.0f} "
@@ -253,7 +248,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
                          "gan_start_step": gan_start_step, "elapsed": budget.elapsed(), "rng": rng_state(),
                          "data_rng": rng.getstate()},
                         run_dir / "last.pt")
-            atomic_save({"kind": "discriminator", "state_dict": disc.state_dict()}, run_dir / "disc.pt")
+            save_checkpoint(run_dir / "disc.pt", "discriminator", disc.state_dict())
     bar.close()
     return run_dir / "best.pt"
 

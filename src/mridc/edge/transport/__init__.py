@@ -4,13 +4,7 @@
 ``mqtt://``, ``mqtts://`` (MQTT 5 over TLS), ``grpc://`` and ``grpcs://`` (gRPC over TLS).
 """
 
-from mridc.edge.transport.base import (
-    AckCallback,
-    Backoff,
-    TlsFiles,
-    Transport,
-    TransportError,
-    open_transport,
-)
+from mridc.edge.transport.base import AckCallback, Backoff, TlsFiles, Transport, TransportError
+from mridc.edge.transport.factory import SCHEMES, open_transport
 
-__all__ = ["AckCallback", "Backoff", "TlsFiles", "Transport", "TransportError", "open_transport"]
+__all__ = ["SCHEMES", "AckCallback", "Backoff", "TlsFiles", "Transport", "TransportError", "open_transport"]

@@ -8,13 +8,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
-from urllib.parse import urlsplit
 
 from mridc.v1 import mridc_pb2
 
 AckCallback = Callable[[mridc_pb2.FrameAck], None]
-
-SCHEMES = ("mqtt", "mqtts", "grpc", "grpcs")
 
 
 class TransportError(RuntimeError):
@@ -107,43 +104,3 @@ class Transport(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_transport(
-    url: str,
-    device_id: str,
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    token: str | None = None,
-    tls: TlsFiles | None = None,
-    **options,
-) -> Transport:
-    """Build the transport for ``url`` (``mqtt[s]://HOST:PORT`` or ``grpc[s]://HOST:PORT``).
-
-    ``options`` go to the implementation (``keepalive_s``, ``session_expiry_s``, ``deadline_s``,
-    ``backoff``...). A ``...s://`` scheme turns TLS on with the system CA store unless ``tls``
-    names a CA file.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise TransportError(f"transport URL {url!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
-    if not parts.hostname:
-        raise TransportError(f"transport URL {url!r} has no host (expected e.g. {scheme}://127.0.0.1:1883)")
-    secure = scheme.endswith("s")
-    if secure and tls is None:
-        tls = TlsFiles()
-    if not secure and tls is not None and (tls.ca_file or tls.cert_file):
-        raise TransportError(f"TLS files given but {url!r} is not a TLS URL: use {scheme}s://")
-    if scheme.startswith("mqtt"):
-        from mridc.edge.transport.mqtt import MqttTransport
-
-        return MqttTransport(
-            parts.hostname, parts.port or (8883 if secure else 1883), device_id,
-            username=username or parts.username, password=password or parts.password, tls=tls, **options,
-        )
-    from mridc.edge.transport.grpc import GrpcTransport
-
-    port = parts.port or (443 if secure else 50051)
-    return GrpcTransport(f"{parts.hostname}:{port}", device_id, token=token, tls=tls, **options)

@@ -1,10 +1,7 @@
 """MQTT 5 transport (paho-mqtt 2): QoS 1, persistent session, retained heartbeat and last will.
 
-Topics (docs/architecture.md):
-
-- ``mridc/v1/{device_id}/frames``: device -> cloud, serialized ``FrameEnvelope``, QoS 1
-- ``mridc/v1/{device_id}/acks``: cloud -> device, serialized ``FrameAck``, QoS 1
-- ``mridc/v1/{device_id}/status``: retained JSON heartbeat; last will ``{"state": "offline"}``
+Topics (``mridc.shared.protocol``): frames up, acks down (both QoS 1), and a retained JSON status
+heartbeat whose last will is ``{"state": "offline"}``.
 
 The session is persistent (``clean_start=False`` and a session expiry interval) with a client id
 fixed per device, so acks the cloud published while the device was away are delivered when it
@@ -26,29 +23,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mridc.edge.transport.base import Backoff, TlsFiles, Transport
+from mridc.shared.protocol import acks_topic, frames_topic, status_topic
 from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.mqtt")
-
-TOPIC_ROOT = "mridc/v1"
-
-
-def frames_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/frames"
-
-
-def acks_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/acks"
-
-
-def status_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/status"
-
-
-def device_from_topic(topic: str) -> str | None:
-    """``mridc/v1/cam-01/frames`` -> ``cam-01`` (None for topics outside ``mridc/v1/``)."""
-    parts = topic.split("/")
-    return parts[2] if len(parts) == 4 and "/".join(parts[:2]) == TOPIC_ROOT else None
 
 
 class MqttTransport(Transport):

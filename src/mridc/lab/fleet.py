@@ -1,9 +1,9 @@
 """A fleet of simulated cameras: N edge agents in one process, one thread each.
 
 Each simulated device has its own device id, its own durable queue file and its own transport
-connection, and reads the same source (video file or image folder, looped). For load tests on
-the cloud side, ``SyntheticEncoder`` makes real MRD streams at the requested bpp from random
-tokens (seeded by the image) without loading any model.
+connection, and reads the same source (video file or image folder, looped). Each agent is wired by
+``mridc.edge.agent.build_agent`` from a device config, as ``mridc-edge run`` wires a real camera. By
+default the devices encode with ``mridc.lab.synthetic.SyntheticEncoder`` (real MRD streams, no model).
 
 >>> fleet = Fleet(devices=50, source="frames/", transport_url="mqtt://127.0.0.1:1883", workdir="/tmp/fleet")
 >>> report = fleet.run(duration_s=60)
@@ -11,73 +11,19 @@ tokens (seeded by the image) without loading any model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from mridc.edge.agent import EdgeAgent, build_agent
+from mridc.edge.config import DeviceConfig
+from mridc.edge.transport.base import TlsFiles
 
-from mridc.edge.agent import EdgeAgent
-from mridc.edge.capture import open_source
-from mridc.edge.queue import FrameQueue
-from mridc.edge.transport.base import Backoff, TlsFiles, open_transport
-from mridc.shared.bitstream import TokenFrame, compress
-from mridc.shared.entropy import TokenPrior
+from .synthetic import SyntheticEncoder
 
 log = logging.getLogger("mridc.sim.fleet")
-
-SYNTHETIC_MODEL_ID = 0x53594E54  # "SYNT": streams from SyntheticEncoder, not from a trained tokenizer
-SYNTHETIC_STRIDE = 16
-SYNTHETIC_CODEBOOK_BITS = 10
-
-
-@dataclass
-class SyntheticResult:
-    bitstream: bytes
-    bpp: float
-    token_frame: TokenFrame
-    timings: dict = field(default_factory=dict)
-
-
-class SyntheticEncoder:
-    """Same ``encode`` call as ``EdgeEncoder``; random tokens seeded by the image, real MRD bytes.
-
-    ``delay_s`` emulates a slow device CPU (the time a Pi spends in the real encoder).
-    """
-
-    def __init__(self, *, model_id: int = SYNTHETIC_MODEL_ID, delay_s: float = 0.0,
-                 prior: TokenPrior | None = None) -> None:
-        self.model_id = model_id
-        self.delay_s = delay_s
-        self.prior = prior or TokenPrior.uniform(1 << SYNTHETIC_CODEBOOK_BITS)
-
-    def encode(self, image: np.ndarray, bpp: float = 0.02, keep_ratio: float | None = None, rois=None,
-               **_ignored) -> SyntheticResult:
-        start = time.perf_counter()
-        height, width = image.shape[:2]
-        grid_h, grid_w = max(1, height // SYNTHETIC_STRIDE), max(1, width // SYNTHETIC_STRIDE)
-        seed = int.from_bytes(hashlib.sha256(np.ascontiguousarray(image[::8, ::8]).tobytes()).digest()[:8], "big")
-        rng = np.random.default_rng(seed)
-        if keep_ratio is None:
-            # ~11 bits per kept token (10 for the index, ~1 for the mask) after a small header.
-            keep_ratio = (bpp * width * height - 200) / (11 * grid_h * grid_w)
-        kept = int(np.clip(round(keep_ratio * grid_h * grid_w), 1, grid_h * grid_w))
-        mask = np.zeros(grid_h * grid_w, dtype=bool)
-        mask[rng.choice(grid_h * grid_w, size=kept, replace=False)] = True
-        frame = TokenFrame(
-            width=width, height=height, grid_h=grid_h, grid_w=grid_w, model_id=self.model_id,
-            codebook_bits=SYNTHETIC_CODEBOOK_BITS, keep_mask=mask.reshape(grid_h, grid_w),
-            kept_tokens=rng.integers(0, 1 << SYNTHETIC_CODEBOOK_BITS, kept).astype(np.uint16),
-        )
-        bitstream = compress(frame, self.prior)
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return SyntheticResult(bitstream, len(bitstream) * 8 / (width * height), frame,
-                               {"total_s": time.perf_counter() - start})
 
 
 class Fleet:
@@ -124,15 +70,32 @@ class Fleet:
         self.results: dict[str, dict] = {}
         self._stop = threading.Event()
 
+    def device_config(self, device_id: str) -> DeviceConfig:
+        """The config a real camera in this fleet would run with (looped source, fast reconnects)."""
+        config = DeviceConfig()
+        config.device.id = device_id
+        config.source.uri, config.source.fps, config.source.loop = self.source, self.fps, True
+        if self.size:
+            config.source.width, config.source.height = self.size
+        t = config.transport
+        t.url = self.transport_url
+        credentials = self.credentials(device_id)
+        t.username = credentials.get("username") or ""
+        t.password = credentials.get("password") or ""
+        t.token = credentials.get("token") or ""
+        if self.tls is not None:
+            t.ca_file, t.cert_file, t.key_file = (self.tls.ca_file or "", self.tls.cert_file or "",
+                                                  self.tls.key_file or "")
+        t.backoff_initial_s, t.backoff_max_s = 0.5, 15.0
+        t.ack_timeout_s, t.window = self.ack_timeout_s, self.window
+        config.queue.path = str(self.workdir / device_id / "queue.db")
+        config.queue.max_frames, config.queue.policy = self.queue_max_frames, self.queue_policy
+        config.encoder.bpp, config.encoder.min_bpp = self.bpp, min(self.bpp, 0.005)
+        config.status.heartbeat_s = 30.0
+        return config.validate()
+
     def _agent(self, device_id: str) -> EdgeAgent:
-        queue = FrameQueue(self.workdir / device_id / "queue.db", device_id, max_frames=self.queue_max_frames,
-                           policy=self.queue_policy)
-        transport = open_transport(self.transport_url, device_id, tls=self.tls, backoff=Backoff(0.5, 15.0),
-                                   **self.credentials(device_id))
-        source = open_source(self.source, fps=self.fps, size=self.size, loop=True, max_frames=self.max_frames)
-        return EdgeAgent(device_id=device_id, encoder=self.encoder_factory(), transport=transport, queue=queue,
-                         source=source, bpp=self.bpp, min_bpp=min(self.bpp, 0.005), ack_timeout_s=self.ack_timeout_s,
-                         window=self.window, heartbeat_s=30.0)
+        return build_agent(self.device_config(device_id), self.encoder_factory(), max_frames=self.max_frames)
 
     def _run_one(self, device_id: str, delay: float, drain_timeout_s: float) -> None:
         if self._stop.wait(delay):

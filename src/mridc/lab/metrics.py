@@ -125,8 +125,3 @@ def masked_psnr(ref: np.ndarray, dec: np.ndarray, mask: np.ndarray, peak: float 
     diff = ref[mask].astype(np.float64) - dec[mask].astype(np.float64)
     err = float(np.mean(diff * diff))
     return math.inf if err == 0.0 else float(10.0 * math.log10(peak * peak / err))
-
-
-def full_reference(ref: np.ndarray, dec: np.ndarray) -> dict:
-    """The cheap full-reference set that every RD point records."""
-    return {"psnr": psnr(ref, dec), "ms_ssim": ms_ssim(ref, dec)}

@@ -1,0 +1,138 @@
+"""Rate control: the token grid for a resolution scale, the byte budget, and the stream that fits it.
+
+`RateControl.fit` keeps the longest prefix of a selection order whose real entropy-coded stream fits the
+budget (`mlm.fit_order_to_budget`: sizes measured by packing, static token coder during the search), then
+codes that mask with the adaptive coder too and keeps the smaller stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mridc.edge import mlm
+from mridc.shared import protocol
+from mridc.shared.bitstream import TokenCoder, TokenFrame, compress
+from mridc.shared.entropy import TokenPrior
+
+GridShape = tuple[int, int]
+
+MAX_BPP = 64  # largest accepted budget; far above any useful rate (the raw indices are ~0.04 bpp)
+RATE_Q_PER_BPP = 10000  # the header's informational rate_q is the target bpp in units of 1e-4 (docs/bitstream.md)
+RATE_Q_MAX = 65535  # the encoder's cap on rate_q (6.5535 bpp), which keeps its varint within 3 bytes
+MIN_SCALE, MAX_SCALE = 0.05, 1.0  # accepted resolution scale factors (below 0.05 a frame is a few tokens)
+# Share of tokens the auto scale plans to keep. 0.95 beat 0.8 and 0.9 in ad-hoc sweeps on 7-9 eval images
+# (not in the repo); the committed evidence is docs/results/rd/compare.md (auto vs full-grid masking).
+AUTO_MIN_KEEP = 0.95
+AUTO_HEADER_BYTES = 24  # stream overhead the auto grid reserves: MaskingConfig.header_bytes_guess, the same estimate
+PRIOR_CODED_RATIO = 0.92  # coded bits per kept token came to ~0.92 x the prior's entropy on the eval set
+DEFAULT_TOKEN_ENTROPY_BITS = 9.4  # for manifests without token_entropy_bits (the shipped prior has 9.406)
+MASK_BITS_PER_TOKEN = 1.0  # the auto refinement's allowance for the keep mask, per token
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    auto_min_keep: float = AUTO_MIN_KEEP
+    token_entropy_bits: float = DEFAULT_TOKEN_ENTROPY_BITS  # the prior's entropy, bits per token
+
+    @classmethod
+    def for_manifest(cls, manifest) -> RateConfig:
+        """Defaults, with the bundle's measured token entropy where its manifest records one."""
+        bits = getattr(manifest, "token_entropy_bits", None)
+        return cls(token_entropy_bits=DEFAULT_TOKEN_ENTROPY_BITS if bits is None else float(bits))
+
+
+class RateControl:
+    """Budgets and streams for one bundle (its prior, model id and codebook size)."""
+
+    def __init__(self, prior: TokenPrior, *, model_id: int, codebook_bits: int,
+                 search: mlm.SearchSettings | None = None, config: RateConfig | None = None):
+        self.prior = prior
+        self.model_id = int(model_id)
+        self.codebook_bits = int(codebook_bits)
+        self.search = search or mlm.MaskingConfig()  # the rate search's first estimate and its bound
+        self.config = config or RateConfig()
+        # Each token's code length under the shipped prior, -log2(freq / 2**precision).
+        self.token_bits_table = -np.log2(np.asarray(prior.freqs, np.float64) / 2**prior.precision_bits)
+
+    # -- streams ---------------------------------------------------------------------------------------
+    def token_bits(self, tokens: np.ndarray) -> np.ndarray:
+        return self.token_bits_table[tokens]
+
+    def token_frame(self, frame_shape: tuple[int, int], tokens: np.ndarray, keep: np.ndarray, rate_q: int = 0
+                    ) -> TokenFrame:
+        h, w = frame_shape
+        return TokenFrame(width=w, height=h, grid_h=tokens.shape[0], grid_w=tokens.shape[1], model_id=self.model_id,
+                          codebook_bits=self.codebook_bits, keep_mask=keep, kept_tokens=tokens[keep].astype(np.uint16),
+                          rate_q=rate_q)
+
+    def pack(self, frame_shape: tuple[int, int], tokens: np.ndarray, keep: np.ndarray, rate_q: int = 0,
+             token_coder: TokenCoder = "auto") -> bytes:
+        return compress(self.token_frame(frame_shape, tokens, keep, rate_q), self.prior, token_coder=token_coder)
+
+    # -- budgets ---------------------------------------------------------------------------------------
+    @staticmethod
+    def target_bytes(bpp: float, width: int, height: int) -> int:
+        return mlm.target_bytes_for_bpp(bpp, width, height)
+
+    @staticmethod
+    def rate_q(bpp: float) -> int:
+        """The header's record of the target rate."""
+        return min(RATE_Q_MAX, round(bpp * RATE_Q_PER_BPP))
+
+    def fit(self, frame_shape: tuple[int, int], tokens: np.ndarray, order: np.ndarray, target_bytes: int, *,
+            rate_q: int = 0, start_keep: int | None = None) -> tuple[np.ndarray, bytes, mlm.RateInfo]:
+        """(keep mask, stream, info): the longest prefix of `order` that fits `target_bytes`.
+
+        Raises ValueError when not even the stream with no token kept fits."""
+        keep, stream, info = mlm.fit_order_to_budget(
+            order, tokens.shape, target_bytes,
+            lambda m: self.pack(frame_shape, tokens, m, rate_q, token_coder="static"), self.search,
+            token_bits=self.token_bits(tokens), start_keep=start_keep)
+        # The adaptive coder may beat the static one on this frame; never larger than what fitted.
+        adaptive = self.pack(frame_shape, tokens, keep, rate_q, token_coder="adaptive")
+        return keep, (adaptive if len(adaptive) < len(stream) else stream), info
+
+    # -- resolution scale ------------------------------------------------------------------------------
+    def scaled_grid(self, height: int, width: int, bpp: float | None, scale: float | str | None, stride: int
+                    ) -> GridShape | None:
+        """The token grid for a resolution scale: None = full resolution.
+
+        "auto" picks the largest grid (same aspect) at which the byte budget can still keep at least
+        `auto_min_keep` of the tokens, estimated from the prior's entropy: with a weak predictor, dropping
+        resolution costs less than dropping most tokens (docs/results/rd)."""
+        if scale is None or scale == 1 or scale == 1.0:
+            return None
+        if scale == "auto":
+            # First guess from the prior's entropy; `refined_auto_grid` corrects it with the frame's own tokens.
+            return self.auto_grid(height, width, bpp, PRIOR_CODED_RATIO * self.config.token_entropy_bits, stride)
+        s = float(scale)
+        if not MIN_SCALE <= s <= MAX_SCALE:
+            raise ValueError(f"scale must be within 0.05..1 or 'auto', got {scale}")
+        return protocol.grid_shape(width, height, stride, s)
+
+    def refined_auto_grid(self, height: int, width: int, bpp: float, tokens: np.ndarray, stride: int
+                          ) -> GridShape | None:
+        """The auto grid again with this frame's own mean code length (+ the mask's allowance): one extra
+        encoder run on a smaller grid, +0.14 dB at 0.02 bpp, +0.22 dB at 0.03 over the one-pass estimate
+        (docs/results/rd: rd.json's auto rows vs rd_auto.json)."""
+        bits = float(self.token_bits(tokens).mean()) + MASK_BITS_PER_TOKEN
+        return self.auto_grid(height, width, bpp, bits, stride)
+
+    def auto_grid(self, height: int, width: int, bpp: float | None, bits_per_token: float, stride: int
+                  ) -> GridShape | None:
+        """Largest grid (same aspect) whose tokens, at `bits_per_token`, fill the budget at `auto_min_keep`."""
+        if bpp is None:
+            return None
+        budget_bits = mlm.target_bytes_for_bpp(bpp, width, height) * 8 - 8 * AUTO_HEADER_BYTES
+        fit = budget_bits / (bits_per_token * self.config.auto_min_keep)
+        full_h, full_w = protocol.grid_shape(width, height, stride)
+        if fit >= full_h * full_w:
+            return None
+        factor = math.sqrt(max(fit, 1.0) / (full_h * full_w))
+        return max(1, math.floor(full_h * factor)), max(1, math.floor(full_w * factor))
+
+
+__all__ = ["AUTO_MIN_KEEP", "MAX_BPP", "RateConfig", "RateControl"]
