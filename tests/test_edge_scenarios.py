@@ -351,13 +351,14 @@ def test_deploy_doc_config_matches_the_code():
     assert config.device.id == "cam-01"
     for section in dataclasses.fields(DeviceConfig):
         for fld in dataclasses.fields(getattr(config, section.name)):
-            assert re.search(rf"^\| `[^|]*\b{fld.name}\b[^|]*` \|", doc, re.MULTILINE), f"{section.name}.{fld.name} undocumented"
+            assert re.search(rf"^\| `[^|]*\b{fld.name}\b[^|]*` \|", doc, re.MULTILINE), (
+                f"{section.name}.{fld.name} undocumented")
 
 
 @pytest.mark.parametrize("protocol", ["mqtt", "grpc"])
 def test_edge_agent_against_the_real_cloud_service(tmp_path, image_dir, protocol, mosquitto):
     """The same agent against cloud/service (in-process worker, test decoder): frames stored, queue empty."""
-    server = pytest.importorskip("mridc.cloud.service.server")
+    from mridc.cloud.service import server
     from mridc.cloud.service.config import ServiceConfig
     from mridc.lab.synthetic import TokenPaintDecoder
 

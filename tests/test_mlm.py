@@ -246,8 +246,8 @@ def test_degenerate_flat_tiny_and_all_key():
 
 
 def test_fit_to_budget_with_real_bitstream():
-    bitstream = pytest.importorskip("mridc.shared.bitstream")
-    entropy = pytest.importorskip("mridc.shared.entropy")
+    from mridc.shared import bitstream, entropy
+
     img = _photo_like()
     grid = (32, 48)
     tokens = (np.arange(32 * 48).reshape(grid) // 7 % 1024).astype(np.uint16)

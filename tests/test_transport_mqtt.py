@@ -102,7 +102,8 @@ def test_heartbeat_is_retained_and_last_will_fires_when_the_link_dies(tmp_path, 
         transport.publish_status({"queue": {"depth": 0}})
         assert wait_until(lambda: (retained(mosquitto.port, status_topic("cam-02")) or {}).get("state") == "online", 5)
         link.set_down("drop")  # the broker sees the TCP connection reset: the will fires
-        assert wait_until(lambda: (retained(mosquitto.port, status_topic("cam-02")) or {}).get("state") == "offline", 10)
+        assert wait_until(lambda: (retained(mosquitto.port, status_topic("cam-02")) or {}).get("state") == "offline",
+                          10)
         link.set_up()
         assert transport.wait_connected(10)  # reconnects by itself, with backoff
         assert transport.stats["connects"] >= 2

@@ -208,7 +208,8 @@ class Context:
         from mridc.edge.encoder import EdgeEncoder
 
         if anchor_spacing not in self._encoders:
-            masking = mlm.MaskingConfig() if anchor_spacing is None else mlm.MaskingConfig(anchor_spacing=anchor_spacing)
+            masking = (mlm.MaskingConfig() if anchor_spacing is None
+                       else mlm.MaskingConfig(anchor_spacing=anchor_spacing))
             self._encoders[anchor_spacing] = EdgeEncoder.from_bundle(self.models_dir, backend="onnx", threads=1,
                                                                      masking=masking)
         return self._encoders[anchor_spacing]

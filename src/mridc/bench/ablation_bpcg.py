@@ -290,7 +290,8 @@ def stage_timing(stream: bytes, models_dir: str | None, repeats: int = 3, thread
                 if i or results:
                     runs.append(np.diff(t))
         med = np.median(np.stack(runs), axis=0)
-        results.append({"setting": label, "fill": s.fill or decoder.default_fill, "realism": s.realism, "steps": s.steps,
+        results.append({"setting": label, "fill": s.fill or decoder.default_fill, "realism": s.realism,
+                        "steps": s.steps,
                         "parse_s": med[0], "token_completion_s": med[1], "tokenizer_decode_s": med[2],
                         "diffusion_s": med[3], "to_pixels_s": med[4], "total_s": float(med.sum()),
                         "runs": repeats})

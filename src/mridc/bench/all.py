@@ -122,7 +122,8 @@ def _files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     wanted = {".json", ".md", ".png", ".html"}
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in wanted and not p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.suffix in wanted and not p.name.endswith(".tmp"))
 
 
 def write_index(out: Path, doc: dict) -> None:

@@ -21,7 +21,8 @@ METRICS = (("psnr", "PSNR dB", True), ("ms_ssim", "MS-SSIM", True), ("perceptual
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mridc", nargs="+", default=["docs/results/rd/rd.json"],
-                   help="rd.json files with MRIDC codecs; a later file's (image, codec, rate) records replace earlier ones")
+                   help="rd.json files with MRIDC codecs; a later file's (image, codec, rate) records "
+                        "replace earlier ones")
     p.add_argument("--baselines", default="docs/results/baselines/rd.json", help="rd.json with classical codecs")
     p.add_argument("--bpp", default="0.02,0.03")
     p.add_argument("--out", default="docs/results/rd", help="writes compare.md, compare.json, compare.png here")

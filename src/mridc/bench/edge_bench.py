@@ -257,7 +257,8 @@ def run_worker(backend: str, args, work: Path, classical: bool, tokens: bool) ->
 
 def baseline_rss_mib() -> float | None:
     """Peak RSS of a process that imports the edge package and does nothing: the floor under every backend."""
-    code = "import mridc.edge.encoder, mridc.bench.edge_bench, mridc.lab.provenance as p; print(round(p.peak_rss_mib(), 1))"
+    code = ("import mridc.edge.encoder, mridc.bench.edge_bench, mridc.lab.provenance as p; "
+            "print(round(p.peak_rss_mib(), 1))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     return float(proc.stdout.strip()) if proc.returncode == 0 else None
 
@@ -376,7 +377,8 @@ def plot(doc: dict, out: Path) -> list[str]:
     ax.set_xticks(x, xt, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("median latency, ms (1 thread)")
     ax.set_yscale("log")
-    ax.set_title(f"{'x'.join(map(str, doc['config']['frame_size']))} encode, {doc['config']['threads']} thread (load {doc['meta']['load_1min_start']:.1f} on "
+    ax.set_title(f"{'x'.join(map(str, doc['config']['frame_size']))} encode, {doc['config']['threads']} thread "
+                 f"(load {doc['meta']['load_1min_start']:.1f} on "
                  f"{doc['meta']['cpus']} cores)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
@@ -427,7 +429,8 @@ def render_markdown(doc: dict) -> str:
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              (f"1-minute load average: {meta['load_1min_start']} at start, {meta['load_1min_end']} at end "
               f"({meta['cpus']} cores shared with other jobs: absolute times are pessimistic)  "),
-             (f"Frames: {', '.join(doc['config']['frames'])}, cover-cropped to {'x'.join(map(str, doc['config']['frame_size']))}; "
+             (f"Frames: {', '.join(doc['config']['frames'])}, "
+              f"cover-cropped to {'x'.join(map(str, doc['config']['frame_size']))}; "
               f"{doc['config']['repeats']} repeats each, medians."), "",
              ("| backend | encoder ms | whole encode ms | whole encode CPU ms | p90 whole ms | peak RSS MiB | "
               f"model file | bytes @ {doc['config']['bpp']:g} bpp | load before/after |"),
@@ -439,7 +442,8 @@ def render_markdown(doc: dict) -> str:
             continue
         mf = doc["model_files"].get(b["backend"], {})
         lines.append(f"| {label} | {b['median_ms']['encoder']:.1f} | {b['median_ms']['total']:.1f} | "
-                     f"{_fmt_ms(b['median_ms'].get('total_cpu'))} | {b['p90_ms']['total']:.1f} | {b['peak_rss_mib']:.0f} | "
+                     f"{_fmt_ms(b['median_ms'].get('total_cpu'))} | {b['p90_ms']['total']:.1f} | "
+                     f"{b['peak_rss_mib']:.0f} | "
                      f"{mf.get('file', '')} {mf.get('bytes', 0) / 1e6:.2f} MB | {b['bytes_median']} | "
                      f"{b['load_1min_before']} / {b['load_1min_after']} |")
     if doc.get("baseline_rss_mib"):
@@ -448,7 +452,8 @@ def render_markdown(doc: dict) -> str:
     int8_bytes = next((b.get("bytes_median", "") for b in doc["backends"] if b["backend"] == "onnx"), "")
     if inter:
         lines += ["", "## MRIDC (ONNX int8) vs Pillow encoders, interleaved in one process",
-                  f"Load {inter['load_1min']['start']} -> {inter['load_1min']['end']} (max {inter['load_1min']['max']}).",
+                  (f"Load {inter['load_1min']['start']} -> {inter['load_1min']['end']} "
+                   f"(max {inter['load_1min']['max']})."),
                   "", "| encoder | settings | median ms | CPU ms | bytes | MRIDC / this (wall) | MRIDC / this (CPU) |",
                   "|---|---|---|---|---|---|---|",
                   (f"| MRIDC int8 whole encode | {doc['config']['bpp']:g} bpp | {inter['median_ms']['mridc']:.1f} | "

@@ -239,7 +239,8 @@ def plot(doc: dict, out: Path) -> str:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
     axes[1].set_yscale("log")
-    fig.suptitle(f"one {'x'.join(map(str, doc['config']['frame_size']))} frame over MQTT through the link emulator ({doc['config']['latency_ms']:g} ms one-way); "
+    fig.suptitle(f"one {'x'.join(map(str, doc['config']['frame_size']))} frame over MQTT through the link emulator "
+                 f"({doc['config']['latency_ms']:g} ms one-way); "
                  f"classical files matched to MRIDC's perceptual distance", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "link.png")
@@ -252,7 +253,8 @@ def render_markdown(doc: dict) -> str:
     lines = [f"# Link benchmark ({meta['date']})", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
              f"1-minute load average: {meta['load_1min_start']} at start, {meta['load_1min_end']} at end  ",
-             (f"Frame: {cfg['frame']} cover-cropped to {'x'.join(map(str, cfg['frame_size']))}. Transport: edge MQTT client (MQTT 5, QoS 1) -> "
+             (f"Frame: {cfg['frame']} cover-cropped to {'x'.join(map(str, cfg['frame_size']))}. "
+              f"Transport: edge MQTT client (MQTT 5, QoS 1) -> "
               f"LinkEmulator ({cfg['latency_ms']:g} ms one-way latency, rate both ways) -> mosquitto -> receiver "
               f"at the broker. Encode {cfg['threads']} thread, decode {cfg['decode_threads']} torch thread(s)."), "",
              "## Files sent", "",

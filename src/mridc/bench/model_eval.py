@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "images": len(rows),
         "by_set": {},
-        "codebook": {"size": K, "used_share": float((counts > 0).mean()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))},
+        "codebook": {"size": K, "used_share": float((counts > 0).mean()),
+                     "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))},
         "predictor_keep0.5_random": {"top1": top1 / max(total, 1), "top5": top5 / max(total, 1),
                                      "nearest_kept_top1": nn_hits / max(total, 1),
                                      "most_frequent_top1": mode_hits / max(total, 1), "masked_tokens": total},
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     }
     for set_name in sorted({r["set"] for r in rows}):
         sel = [r for r in rows if r["set"] == set_name]
-        summary["by_set"][set_name] = {k: float(np.mean([r[k] for r in sel])) for k in ("psnr", "ms_ssim", "bpp_full_tokens")}
+        summary["by_set"][set_name] = {k: float(np.mean([r[k] for r in sel]))
+                                       for k in ("psnr", "ms_ssim", "bpp_full_tokens")}
         summary["by_set"][set_name]["images"] = len(sel)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jxl-effort", type=int, default=7)
     p.add_argument("--realism", default="0,0.5,1", help="MRIDC realism settings, comma-separated")
     p.add_argument("--mridc-scale", default="1,auto",
-                   help="MRIDC resolution scales, comma-separated: 1 (full-resolution grid, masking only), a factor, auto")
+                   help="MRIDC resolution scales, comma-separated: 1 (full-resolution grid, masking only), "
+                        "a factor, auto")
     p.add_argument("--models-dir", default=None, help="MRIDC models folder (default: shipped / $MRIDC_MODELS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perceptual-weights", default=None, help="MobileNetV2 weights file for the perceptual distance")

@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_service_bench(args.out, args.devices, interval_s=args.interval, duration_s=args.duration,
                                workers=tuple(int(w) for w in args.workers.split(",") if w),
                                modes=tuple(m for m in args.modes.split(",") if m), models_dir=args.models)
-    print(json.dumps(result.get("summary", {k: v for k, v in result.items() if k != "runs"}), indent=2, default=str)[:4000])
+    print(json.dumps(result.get("summary", {k: v for k, v in result.items() if k != "runs"}), indent=2,
+                     default=str)[:4000])
     return 0

@@ -107,13 +107,15 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("decode", help="decode an .mrd stream to a PNG", formatter_class=HelpFormatter,
                        description="Decode: kept tokens -> BPCG completion of masked tokens -> tokenizer decode -> "
-                                   "diffusion refinement. --realism 0 is the deterministic tokenizer decode (fidelity), "
-                                   "1 full diffusion (realism).\nExample: mridc-cloud decode photo.mrd -o photo.png --realism 0.5")
+                                   "diffusion refinement. --realism 0 is the deterministic tokenizer decode "
+                                   "(fidelity), 1 full diffusion (realism).\n"
+                                   "Example: mridc-cloud decode photo.mrd -o photo.png --realism 0.5")
     p.add_argument("stream", help="input .mrd file")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.add_argument("--realism", type=float, default=0.5, help="0 = fidelity (no diffusion) .. 1 = full diffusion")
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_frames_arguments(p)
     p.set_defaults(func=run_frames)
 
-    p = sub.add_parser("train", help="train a model (arguments after the model name go to its trainer; see --help there)",
+    p = sub.add_parser("train",
+                       help="train a model (arguments after the model name go to its trainer; see --help there)",
                        description="mridc-cloud train {tokenizer,predictor,diffusion,all} [trainer options]\n"
                                    "e.g. mridc-cloud train tokenizer --out runs/tok --minutes 60\n"
                                    "     mridc-cloud train all --tokenizer-minutes 90 --bpcg-minutes 60",

@@ -33,13 +33,15 @@ def _add_encode(sub) -> None:
     p.add_argument("image", help="input image (PNG, JPEG, ...)")
     p.add_argument("-o", "--output", required=True, help="output .mrd file")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--bpp", type=float, help="byte budget in bits per pixel of the input; the stream (header, "
-                                                "mask, tokens) is at most this and as close as token granularity allows")
+    rate.add_argument("--bpp", type=float,
+                      help="byte budget in bits per pixel of the input; the stream (header, "
+                           "mask, tokens) is at most this and as close as token granularity allows")
     rate.add_argument("--keep-ratio", type=float, help="keep this fraction of tokens instead of a budget (0..1)")
     p.add_argument("--scale", default="auto", help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' "
                                                 "(with --bpp: lower resolution rather than masking most tokens)")
     p.add_argument("--backend", default="onnx", choices=RUNNERS.names(),
-                   help="encoder runtime: onnx = ONNX Runtime int8 (torch: the cloud's reference, with the cloud extra)")
+                   help="encoder runtime: onnx = ONNX Runtime int8 "
+                        "(torch: the cloud's reference, with the cloud extra)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the encoder")
     p.add_argument("--faces", action="store_true", help="protect faces (Haar cascade) as key regions")
     p.add_argument("--roi", action="append", default=[], metavar="X0,Y0,X1,Y1",
@@ -93,7 +95,8 @@ def cmd_encode(args) -> int:
         print(json.dumps(summary))
     else:
         print(f"{out}: {summary['bytes']} bytes, {summary['bpp']:.4f} bpp, kept {summary['kept_tokens']}/"
-              f"{result.tokens.size} tokens ({summary['keep_ratio']:.0%}), encode {summary['timings_ms']['total']:.0f} ms")
+              f"{result.tokens.size} tokens ({summary['keep_ratio']:.0%}), "
+              f"encode {summary['timings_ms']['total']:.0f} ms")
     if result.warning:
         print(f"{PROG}: warning: {result.warning}", file=sys.stderr)
     return EXIT_OK
@@ -235,7 +238,8 @@ def _add_run(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_encode(sub)
     _add_run(sub)

@@ -105,7 +105,8 @@ class EdgeEncoder:
         rate = RateControl(prior, model_id=manifest.model_id,
                            codebook_bits=int(np.log2(manifest.codebook_size)), search=masking,
                            config=RateConfig.for_manifest(manifest))
-        return cls(runner, VectorQuantizer(codebook), MapPriority(masking, KeyRegionConfig(use_faces, tuple(key_sources))),
+        return cls(runner, VectorQuantizer(codebook),
+                   MapPriority(masking, KeyRegionConfig(use_faces, tuple(key_sources))),
                    MapGuidedSelection(masking), rate, stride=manifest.stride, scale=scale, backend=backend)
 
     # -- what callers read off the encoder -----------------------------------------------------------------

@@ -206,7 +206,8 @@ class FrameQueue:
         return PutResult(True, sequence, tuple(dropped), lower_bpp=lower)
 
     # -- consumer side ---------------------------------------------------------------------------
-    def pending(self, limit: int = 16, after: int = 0, exclude: set[int] | frozenset[int] = frozenset()) -> list[QueuedFrame]:
+    def pending(self, limit: int = 16, after: int = 0,
+                exclude: set[int] | frozenset[int] = frozenset()) -> list[QueuedFrame]:
         """Oldest queued frames (sequence > ``after``), skipping sequences in ``exclude``."""
         with self._lock:
             rows = self._db.execute(

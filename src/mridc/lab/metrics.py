@@ -58,7 +58,8 @@ def ms_ssim(ref: np.ndarray, dec: np.ndarray) -> float:
             value = _ms_ssim(x, y, data_range=255.0, size_average=True, win_size=win)
         else:
             short = min(ref.shape[0], ref.shape[1])
-            value = _ssim(x, y, data_range=255.0, size_average=True, win_size=max(1, min(_MSSSIM_WIN, short) // 2 * 2 - 1))
+            value = _ssim(x, y, data_range=255.0, size_average=True,
+                          win_size=max(1, min(_MSSSIM_WIN, short) // 2 * 2 - 1))
     return float(value)
 
 

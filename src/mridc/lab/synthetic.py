@@ -24,7 +24,8 @@ import numpy as np
 from mridc.shared.bitstream import TokenFrame, compress, decompress
 from mridc.shared.entropy import TokenPrior
 
-SYNTHETIC_MODEL_ID = 0x53594E54  # "SYNT": no trained tokenizer has it, so these streams are never mistaken for real ones
+# "SYNT": no trained tokenizer has it, so these streams are never mistaken for real ones
+SYNTHETIC_MODEL_ID = 0x53594E54
 SYNTHETIC_STRIDE = 16
 SYNTHETIC_CODEBOOK_BITS = 10
 SYNTHETIC_PRIOR = TokenPrior.uniform(1 << SYNTHETIC_CODEBOOK_BITS)

@@ -65,7 +65,8 @@ class ConditionalUNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.widths
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(),
+                                      nn.Linear(cfg.time_dim, cfg.time_dim))
         self.conv_in = nn.Conv2d((3 + cfg.cond_channels) * cfg.patch**2, w[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()

@@ -52,7 +52,8 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
-        record = {k: (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) if isinstance(v, np.floating) else v)
+        record = {k: (float(v.detach()) if isinstance(v, torch.Tensor)
+                      else float(v) if isinstance(v, np.floating) else v)
                   for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

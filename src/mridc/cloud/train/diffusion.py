@@ -106,7 +106,8 @@ def train_diffusion(args: argparse.Namespace) -> Path:
             save_checkpoint(run_dir / "best.pt", "diffusion", ema, config=model.cfg.to_dict(),  # the EMA weights ship
                             meta={"step": step, "ema": args.ema, "tokenizer": str(args.tokenizer)})
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
-                         "elapsed": budget.elapsed(), "rng": rng_state(), "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
+                         "elapsed": budget.elapsed(), "rng": rng_state(),
+                         "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
     bar.close()
     return run_dir / "best.pt"
 

@@ -50,7 +50,8 @@ def train_predictor(args: argparse.Namespace) -> Path:
     log = JsonlLog(run_dir / "log.jsonl")
     tokenizer = load_model(args.tokenizer, "tokenizer", device)
     stride = tokenizer.cfg.stride
-    cfg = tiny_predictor_config(tokenizer.cfg.codebook_size) if args.tiny else PredictorConfig(codebook_size=tokenizer.cfg.codebook_size)
+    cfg = (tiny_predictor_config(tokenizer.cfg.codebook_size) if args.tiny
+           else PredictorConfig(codebook_size=tokenizer.cfg.codebook_size))
     model = BidirectionalTokenPredictor(cfg).to(device)
     model = init_from_shipped("predictor", args.init, device) or model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.96), weight_decay=0.01)
@@ -101,7 +102,8 @@ def train_predictor(args: argparse.Namespace) -> Path:
             log.write(step=step, eval=metrics, best=is_best)
             tqdm.write(f"[eval step {step}] top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f}")
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                         "elapsed": budget.elapsed(), "rng": rng_state(), "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
+                         "elapsed": budget.elapsed(), "rng": rng_state(),
+                         "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
     bar.close()
     return run_dir / "best.pt"
 

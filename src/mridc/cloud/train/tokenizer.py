@@ -237,8 +237,9 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
             is_best = metrics["score"] > best_score
             if is_best:
                 best_score = metrics["score"]
-                save_model(run_dir / "best.pt", "tokenizer", model, {"step": step, "val": metrics, "train": asdict(tcfg),
-                                                                     "gan_active": bool(gan_on)}, half=False)
+                save_model(run_dir / "best.pt", "tokenizer", model,
+                           {"step": step, "val": metrics, "train": asdict(tcfg), "gan_active": bool(gan_on)},
+                           half=False)
             log.write(step=step, eval=metrics, best=is_best)
             tqdm.write(f"[eval step {step}] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} "
                        f"score {metrics['score']:.2f} perplexity {metrics['codebook_perplexity']:.0f} "
@@ -254,9 +255,11 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="*", help="image folders/files or VIDEO:FIRST-LAST[:EVERY] (default: ../shared/data training split)")
+    p.add_argument("--data", nargs="*",
+                   help="image folders/files or VIDEO:FIRST-LAST[:EVERY] (default: ../shared/data training split)")
     p.add_argument("--shared-data", help="reference data folder (default ../shared/data or $MRIDC_DATA)")
-    p.add_argument("--val", nargs="*", help="validation images for checkpoint selection (default: held-out vtest frames)")
+    p.add_argument("--val", nargs="*",
+                   help="validation images for checkpoint selection (default: held-out vtest frames)")
     p.add_argument("--out", required=True, help="run folder: checkpoints (last.pt resumes exactly), best.pt, log.jsonl")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default 20000)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-time budget; stops at whichever comes first")

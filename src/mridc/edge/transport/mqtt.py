@@ -105,7 +105,8 @@ class MqttTransport(Transport):
         self._subscribed.clear()
         if was:
             self.stats["disconnects"] += 1
-            (log.info if self._closing else log.warning)("%s: disconnected from %s:%d: %s", self.device_id, self.host, self.port, reason_code)
+            (log.info if self._closing else log.warning)("%s: disconnected from %s:%d: %s", self.device_id, self.host,
+                                                         self.port, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
         try:

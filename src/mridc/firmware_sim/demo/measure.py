@@ -66,7 +66,8 @@ def avif_at_same_bytes(frame: SentFrame, codec, perceptual, out: Path) -> dict:
     Image.fromarray(decoded).save(out / "avif" / f"{frame.name}.png")
     height, width = frame.image.shape[:2]
     return {
-        "fits": True, "codec": codec.name, "label": codec.label, "bytes": len(payload), "bpp": round(len(payload) * 8 / (width * height), 5),
+        "fits": True, "codec": codec.name, "label": codec.label, "bytes": len(payload),
+        "bpp": round(len(payload) * 8 / (width * height), 5),
         "quality": info["quality"], "downscale": info["downscale"], "coded_size": info["coded_size"],
         "search_s": round(time.perf_counter() - start, 2), "png": f"avif/{frame.name}.png",
         **quality(frame.image, decoded, perceptual),

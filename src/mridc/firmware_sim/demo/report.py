@@ -112,7 +112,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}img{{max-width:10
 </head><body>
 <h1>MRIDC Edge demo</h1>
 <p>{esc(report['created'])}. {len(report['setup']['cameras'])} cameras, {esc(report['setup']['link']['description'])}
-link, {esc(report['setup']['transport'])}, realism {report['setup']['realism']}, target {report['setup']['bpp']} bpp.</p>
+link, {esc(report['setup']['transport'])}, realism {report['setup']['realism']}, \
+target {report['setup']['bpp']} bpp.</p>
 <p>Delivered: {d['stored']}/{d['accepted']} stored, exactly once: {d['exactly_once']}; resent {d['resent']},
 duplicate acks {d['duplicate_acks']}, rejected {d['rejected']}.
 Mean capture&rarr;stored {fmt(s['capture_to_stored_s_mean'], '.1f')} s.</p>
@@ -144,8 +145,10 @@ def print_summary(report: dict) -> None:
                  fmt(r["capture_to_stored_s"], ".1f"), fmt(m.get("psnr")), fmt(m.get("ms_ssim"), ".3f"),
                  fmt(m.get("perceptual"), ".3f"),
                  "| " + (fmt(a.get("psnr")) if has_avif else "no fit"),
-                 fmt(a.get("ms_ssim"), ".3f") if has_avif else "-", fmt(a.get("perceptual"), ".3f") if has_avif else "-"]
-        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
+                 fmt(a.get("ms_ssim"), ".3f") if has_avif else "-",
+                 fmt(a.get("perceptual"), ".3f") if has_avif else "-"]
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
     print(f"mean: MRIDC PSNR {fmt(s['mridc']['psnr'])} dB, MS-SSIM {fmt(s['mridc']['ms_ssim'], '.3f')}, perceptual "
           f"{fmt(s['mridc']['perceptual'], '.3f')} | AVIF at the same bytes PSNR {fmt(s['avif']['psnr'])} dB, "
           f"MS-SSIM {fmt(s['avif']['ms_ssim'], '.3f')}, perceptual {fmt(s['avif']['perceptual'], '.3f')}")

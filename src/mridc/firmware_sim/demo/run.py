@@ -203,7 +203,8 @@ class Demo:
                     acked = self._acked
                 self.say("delivery", f"{frame.device_id} #{frame.sequence} {entry['status']} after "
                                      f"{entry['t'] - frame.capture_time_us / 1e6:.1f} s "
-                                     f"(acked {acked}/{total_planned})" + (f": {entry['reason']}" if entry["reason"] else ""))
+                                     f"(acked {acked}/{total_planned})"
+                                     + (f": {entry['reason']}" if entry["reason"] else ""))
 
         for device_id, shots in plan.items():
             camera_encoder = encoder if not self.cameras else EdgeEncoder.from_bundle(
@@ -355,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="edge encoder backend (default onnx)")
     parser.add_argument("--models-dir", metavar="DIR", help="models folder (default $MRIDC_MODELS or models/)")
     parser.add_argument("--no-perceptual", action="store_true",
-                        help="skip the perceptual distance (it needs MobileNetV2 ImageNet weights, see lab/perceptual.py)")
+                        help="skip the perceptual distance "
+                             "(it needs MobileNetV2 ImageNet weights, see lab/perceptual.py)")
     return parser
 
 
