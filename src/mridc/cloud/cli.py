@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mridc.shared.cli_util import EXIT_OK, HelpFormatter, InvalidInput, run_command
+from mridc.shared.zoo import default_models_dir, default_shared_data_dir
 
 PROG = "mridc-cloud"
 MAX_STREAM_BYTES = 16 * 1024 * 1024
@@ -101,9 +102,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mridc.cloud.export import main as export_main
+    from mridc.cloud.export import build_edge_bundle
 
-    return export_main(args.rest)
+    build_edge_bundle(Path(args.tokenizer), Path(args.out), Path(args.shared_data), args.calib)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the trainer")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="build models/edge from models/tokenizer.pt (options: see export --help)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("export", help="build models/edge from models/tokenizer.pt",
+                       description="Build the edge bundle (ONNX fp32 + int8, codebook, token prior, manifest).")
+    p.add_argument("--tokenizer", default=str(default_models_dir() / "tokenizer.pt"), help="tokenizer weights")
+    p.add_argument("--out", default=str(default_models_dir() / "edge"), help="bundle folder to write")
+    p.add_argument("--shared-data", default=str(default_shared_data_dir()), help="training data (calibration, prior)")
+    # 24: what the shipped bundle used (rebuilt with 24, encoder_int8.onnx is byte-identical to the shipped one)
+    p.add_argument("--calib", type=int, default=24, help="training crops that calibrate the int8 encoder")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -14,9 +14,7 @@ install that the cloud and edge environments should not carry).
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ import torch
 
 from mridc.cloud.zoo import load_model, tokenizer_codebook
 from mridc.shared.protocol import EdgeManifest, InputSpec, Int8Notes, OutputSpec, bundle_files
-from mridc.shared.zoo import default_models_dir, default_shared_data_dir, model_id_from_codebook
+from mridc.shared.zoo import model_id_from_codebook
 
 INPUT_NAME, OUTPUT_NAME = "image", "codes"
 # The shipped manifest's order (tools/litert_convert.py adds the .tflite file last).
@@ -109,7 +107,7 @@ def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
     return TokenPrior.from_counts(counts), counts
 
 
-def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_count: int = 32,
+def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_count: int = 24,
                       log=print) -> EdgeManifest:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_model(tokenizer_path, "tokenizer")
@@ -139,18 +137,3 @@ def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_c
     manifest.write(out_dir / "manifest.json")
     log(f"edge bundle written to {out_dir}")
     return manifest
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default=str(default_models_dir() / "tokenizer.pt"))
-    p.add_argument("--out", default=str(default_models_dir() / "edge"))
-    p.add_argument("--shared-data", default=str(default_shared_data_dir()))
-    p.add_argument("--calib", type=int, default=32, help="calibration crops for int8")
-    args = p.parse_args(argv)
-    build_edge_bundle(Path(args.tokenizer), Path(args.out), Path(args.shared_data), args.calib)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
