@@ -106,15 +106,22 @@ class Forwarder:
             return 0
         sent = 0
         for frame in self.queue.pending(limit=room, exclude=exclude):
+            # Book-keeping before the send: its ack may arrive (on the transport's thread) before send() returns,
+            # and entries made after that ack would hold the frame until the ack timeout (and leak the id).
+            with self._lock:
+                self._inflight[frame.sequence] = time.monotonic() + self.ack_timeout_s
+                resend = frame.sequence in self._ever_sent
+                self._ever_sent.add(frame.sequence)
             if not self.transport.send(frame.to_envelope()):
+                with self._lock:
+                    self._inflight.pop(frame.sequence, None)
+                    if not resend:
+                        self._ever_sent.discard(frame.sequence)
                 break
             self.queue.mark_sent(frame.sequence)
             with self._lock:
-                self._inflight[frame.sequence] = time.monotonic() + self.ack_timeout_s
                 self.stats["sent"] += 1
-                if frame.sequence in self._ever_sent:
-                    self.stats["resent"] += 1
-                self._ever_sent.add(frame.sequence)
+                self.stats["resent"] += int(resend)
             sent += 1
         return sent
 
