@@ -30,3 +30,16 @@ def test_only_common_images_count_and_best_classical_is_marked(tmp_path):
     assert row["jpeg"]["psnr"] == (18.0, 1)  # the over-budget record does not count
     md = to_markdown(result)
     assert "| avif | 25.000 **best classical**" in md and "18.000 (1)" in md
+
+
+def test_standard_distances_are_tabled_when_present_and_old_files_still_load(tmp_path):
+    old = _rd(tmp_path / "old.json", [_rec("x", "avif", 0.02, 24.0)])  # an rd run from before LPIPS/DISTS
+    new = _rd(tmp_path / "new.json", [{**_rec("x", "mridc-r0", 0.02, 20.0), "lpips_alex": 0.3, "lpips_vgg": 0.4,
+                                       "dists": 0.2}])
+    md_old = to_markdown(compare(old, old, [0.02]))
+    assert "LPIPS-Alex" not in md_old and "DISTS" not in md_old
+    result = compare(new, old, [0.02])
+    assert result["table"]["0.02"]["mridc-r0"]["dists"] == (0.2, 1)
+    md = to_markdown(result)
+    assert "| LPIPS-Alex | LPIPS-VGG | DISTS |" in md and "0.200" in md
+    assert "DISTS uses the same VGG16" in md

@@ -16,7 +16,19 @@ import numpy as np
 
 HELP = "compare MRIDC rd results with classical baselines on the same images (markdown + JSON)"
 METRICS = (("psnr", "PSNR dB", True), ("ms_ssim", "MS-SSIM", True), ("perceptual", "MNv2-LPIPS", False),
+           ("lpips_alex", "LPIPS-Alex", False), ("lpips_vgg", "LPIPS-VGG", False), ("dists", "DISTS", False),
            ("niqe", "NIQE", False))
+NETWORK_NOTE = ("LPIPS-VGG uses the VGG16 backbone of a VGG LPIPS training loss, and DISTS uses the same VGG16 "
+                "features, so a model trained with such a loss is partly optimised for both; LPIPS-Alex (AlexNet) "
+                "and MNv2-LPIPS (MobileNetV2) share no network with it.")
+# Shown only where some record has them (rd runs before these metrics existed do not).
+OPTIONAL_METRICS = ("lpips_alex", "lpips_vgg", "dists")
+
+
+def present_metrics(result: dict) -> tuple:
+    """METRICS, less the optional ones that no codec at any rate has a value for."""
+    seen = {k for row in result["table"].values() for vals in row.values() for k in vals}
+    return tuple(m for m in METRICS if m[0] not in OPTIONAL_METRICS or m[0] in seen)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,18 +75,19 @@ def to_markdown(result: dict) -> str:
     lines = [(f"Images measured by both runs: {len(result['images'])}. MRIDC from "
              f"{', '.join(result.get('sources', {}).get('mridc', []))}; baselines from "
              f"{result.get('sources', {}).get('baselines', '')}."), ""]
+    metrics = present_metrics(result)
     for bpp, codecs in result["table"].items():
-        lines += [f"### {bpp} bpp", "", "| codec | " + " | ".join(h for _, h, _ in METRICS) + " | mean bpp |",
-                  "|---|" + "---|" * (len(METRICS) + 1)]
+        lines += [f"### {bpp} bpp", "", "| codec | " + " | ".join(h for _, h, _ in metrics) + " | mean bpp |",
+                  "|---|" + "---|" * (len(metrics) + 1)]
         classical = [c for c in codecs if not c.startswith("mridc")]
         best = {}
-        for key, _, higher in METRICS:
+        for key, _, higher in metrics:
             vals = [(codecs[c][key][0], c) for c in classical if key in codecs[c]]
             if vals:
                 best[key] = (max if higher else min)(vals)
         for codec, vals in codecs.items():
             cells = []
-            for key, _, _ in METRICS:
+            for key, _, _ in metrics:
                 if key not in vals:
                     cells.append("-")
                     continue
@@ -83,7 +96,10 @@ def to_markdown(result: dict) -> str:
                 cells.append(f"{mean:.3f}{'' if n == len(result['images']) else f' ({n})'}{mark}")
             lines.append(f"| {codec} | " + " | ".join(cells) + f" | {vals['bpp'][0]:.4f} |")
         lines.append("")
-    lines.append("Higher is better for PSNR and MS-SSIM; lower for MNv2-LPIPS (uncalibrated, non-standard) and NIQE.")
+    lines.append("Higher is better for PSNR and MS-SSIM; lower for MNv2-LPIPS (uncalibrated, non-standard), "
+                 + "".join(f"{h}, " for k, h, _ in metrics if k in OPTIONAL_METRICS) + "and NIQE.")
+    if any(k in OPTIONAL_METRICS for k, _, _ in metrics):
+        lines += ["", NETWORK_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -94,9 +110,10 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
+    metrics = present_metrics(result)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     codecs = sorted({c for row in result["table"].values() for c in row})
-    for ax, (key, label, higher) in zip(axes, METRICS):
+    for ax, (key, label, higher) in zip(axes, metrics):
         for codec in codecs:
             pts = sorted((float(bpp), row[codec][key][0]) for bpp, row in result["table"].items()
                          if codec in row and key in row[codec])

@@ -1,7 +1,8 @@
 """`mridc-bench models`: the numbers on the model card, measured on the public eval set.
 
-Tokenizer at full tokens (every token kept, realism 0): PSNR, MS-SSIM, coded bpp, codebook usage and
-perplexity; predictor top-1 / top-5 on randomly masked tokens (keep ratio 0.5) against the nearest-kept and
+Tokenizer at full tokens (every token kept, realism 0): PSNR, MS-SSIM, the standard perceptual distances
+LPIPS-Alex, LPIPS-VGG and DISTS (None, with the reason, where their weights are absent), coded bpp, codebook
+usage and perplexity; predictor top-1 / top-5 on randomly masked tokens (keep ratio 0.5) against the nearest-kept and
 most-frequent-token baselines.
 """
 
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=768)
     p.add_argument("--models", help="models folder")
     p.add_argument("--out", default="docs/results/models", help="output folder")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS/DISTS weights folder (default: shared data)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,12 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder, nearest_kept_fill
     from mridc.edge.encoder import EdgeEncoder
     from mridc.lab.datasets import resolve
+    from mridc.lab.lpips import METRICS as STANDARD
+    from mridc.lab.lpips import StandardPerceptual
+    from mridc.lab.meter import STANDARD_LABELS
     from mridc.lab.metrics import ms_ssim, psnr
 
     torch.set_num_threads(2)
     images = resolve(args.images, max_side=args.max_side, vtest_stride=args.vtest_stride)
     encoder = EdgeEncoder.from_bundle(args.models, backend="torch")
     decoder = MRIDCDecoder.from_models(args.models)
+    standard = StandardPerceptual.load("cpu", getattr(args, "lpips_weights", None))
     K = decoder.codebook_size
     counts = np.zeros(K, np.int64)
     rows = []
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         counts += np.bincount(result.tokens.ravel(), minlength=K)
         rows.append({"name": item.name, "set": item.set, "width": img.shape[1], "height": img.shape[0],
                      "bpp_full_tokens": len(result.bitstream) * 8 / (img.shape[0] * img.shape[1]),
-                     "psnr": psnr(img, out), "ms_ssim": ms_ssim(img, out)})
+                     "psnr": psnr(img, out), "ms_ssim": ms_ssim(img, out), **standard.measure(img, out)})
         tokens = result.tokens.astype(np.int64)
         keep = rng.random(tokens.shape) < 0.5
         with torch.no_grad():
@@ -74,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         "predictor_keep0.5_random": {"top1": top1 / max(total, 1), "top5": top5 / max(total, 1),
                                      "nearest_kept_top1": nn_hits / max(total, 1),
                                      "most_frequent_top1": mode_hits / max(total, 1), "masked_tokens": total},
+        "perceptual": {m: (f"unavailable ({standard.missing[m]})" if m in standard.missing else STANDARD_LABELS[m])
+                       for m in STANDARD},
+        "network_note": "LPIPS-VGG and DISTS both use VGG16 features, the backbone of a VGG LPIPS training loss; "
+                        "LPIPS-Alex shares no network with it.",
         "model_id": f"{decoder.model_id:08x}",
         "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
         "command": "mridc-bench models " + " ".join(f"--images {i}" for i in args.images),
@@ -82,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         sel = [r for r in rows if r["set"] == set_name]
         summary["by_set"][set_name] = {k: float(np.mean([r[k] for r in sel]))
                                        for k in ("psnr", "ms_ssim", "bpp_full_tokens")}
+        for k in STANDARD:
+            values = [r[k] for r in sel if r.get(k) is not None]
+            summary["by_set"][set_name][k] = float(np.mean(values)) if values else None
         summary["by_set"][set_name]["images"] = len(sel)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

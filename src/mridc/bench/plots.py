@@ -9,6 +9,9 @@ METRIC_LABELS = {
     "psnr": ("PSNR (dB, RGB)", True),
     "ms_ssim": ("MS-SSIM", True),
     "perceptual": ("perceptual distance", False),
+    "lpips_alex": ("LPIPS-Alex v0.1", False),
+    "lpips_vgg": ("LPIPS-VGG v0.1", False),
+    "dists": ("DISTS", False),
     "niqe": ("NIQE (lower = more natural)", False),
     "roi_psnr": ("PSNR inside ROIs (dB)", True),
 }

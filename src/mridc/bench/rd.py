@@ -1,8 +1,9 @@
 """``mridc-bench rd``: rate-distortion-perception of MRIDC against JPEG, WebP, AVIF and JPEG XL.
 
 For every image, codec and target bpp: encode under the budget (classical codecs search quality and
-downscale factor; see ``lab/codecs.py``), decode, and measure PSNR, MS-SSIM, the perceptual distance,
-NIQE and PSNR inside ROIs. Writes ``rd.json`` (every measurement, rewritten after each image so a stopped
+downscale factor; see ``lab/codecs.py``), decode, and measure PSNR, MS-SSIM, the perceptual distances
+(MNv2-LPIPS, and the standard LPIPS-Alex, LPIPS-VGG and DISTS where their weights are present), NIQE and PSNR
+inside ROIs. Writes ``rd.json`` (every measurement, rewritten after each image so a stopped
 run keeps what it measured), ``plots/*.png`` (bpp vs each metric per set, one curve per codec) and
 ``report.html`` (tables, plots, side-by-side crops).
 """
@@ -28,7 +29,17 @@ DEFAULT_BPP = "0.01,0.015,0.02,0.03,0.05"
 DEFAULT_CODECS = "mridc,jpeg,webp,avif,avif-obu,jxl"
 # The versions that move rate-distortion numbers: the classical codecs, the metrics, the decoder runtime.
 RD_PACKAGES = ("pillow", "pillow-jxl-plugin", "numpy", "torch", "pytorch-msssim", "scipy")
-SUMMARY_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi_psnr")
+SUMMARY_METRICS = ("psnr", "ms_ssim", "perceptual", "lpips_alex", "lpips_vgg", "dists", "niqe", "roi_psnr")
+METRIC_NAMES = {"psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "perceptual": "perceptual distance (lower is better)",
+                "lpips_alex": "LPIPS-Alex v0.1 (lower is better)", "lpips_vgg": "LPIPS-VGG v0.1 (lower is better)",
+                "dists": "DISTS (lower is better)", "niqe": "NIQE (lower is better)",
+                "roi_psnr": "PSNR inside ROIs (dB)"}
+METRIC_DIGITS = {"psnr": 2, "ms_ssim": 4, "perceptual": 4, "lpips_alex": 4, "lpips_vgg": 4, "dists": 4, "niqe": 2,
+                 "roi_psnr": 2}
+# Which distances share a network with a training loss (a VGG LPIPS term may become a tokenizer loss).
+NETWORK_NOTE = ("LPIPS-VGG uses the VGG16 backbone of a VGG LPIPS training loss, and DISTS uses the same VGG16 "
+                "features, so both can be optimised for by such a loss; LPIPS-Alex (AlexNet) and MNv2-LPIPS "
+                "(MobileNetV2) share no network with it.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", default=None, help="MRIDC models folder (default: shipped / $MRIDC_MODELS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perceptual-weights", default=None, help="MobileNetV2 weights file for the perceptual distance")
+    p.add_argument("--lpips-weights", default=None,
+                   help="folder with the LPIPS/DISTS weights (default: $MRIDC_LPIPS_DISTS_WEIGHTS or "
+                        "weights/lpips_dists in the shared data folder); absent: those metrics are None")
     p.add_argument("--crop-size", type=int, default=192)
     p.add_argument("--crop-bpp", default="0.02,0.03", help="target bpps shown as crops in the report ('' for none)")
     p.add_argument("--public-crops-only", action="store_true",
@@ -217,7 +231,7 @@ def run(args) -> int:
     if not codec_list:
         print("no codec can run; nothing measured", file=sys.stderr)
         return 1
-    meter = Meter(metrics, args.perceptual_weights)
+    meter = Meter(metrics, args.perceptual_weights, standard_weights=getattr(args, "lpips_weights", None))
 
     meta = {
         "command": "mridc-bench rd " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["rd"] else " ".join(sys.argv),
@@ -226,6 +240,8 @@ def run(args) -> int:
         "versions": package_versions(RD_PACKAGES, image_libraries=True),
         "bpp_targets": bpps, "select": args.select, "max_side": args.max_side,
         "perceptual": meter.perceptual_name,
+        "standard_perceptual": meter.standard_labels(),
+        "network_note": NETWORK_NOTE,
         "codecs": {getattr(c, "name", "?"): getattr(c, "label", "") for c in codec_list},
         "bits": "len(payload) * 8 per original pixel; classical payloads stripped of ICC/EXIF/XMP, "
                 "downscaled payloads carry 4 bytes of original size",
@@ -301,6 +317,8 @@ def write_reports(out: Path) -> None:
                         and im.get("niqe_original") is not None]
                 reference = float(np.mean(vals)) if vals else None
             label = meta.get("perceptual") if metric == "perceptual" else None
+            if metric in ("lpips_alex", "lpips_vgg", "dists") and not any(r.get(metric) is not None for r in rows):
+                continue
             path = rd_plot(rows, metric, out / "plots" / f"{set_name}_{metric}.png",
                            title=f"{set_name} ({rows[0]['n']} images)", metric_label=label, reference=reference)
             if path:
@@ -327,10 +345,12 @@ def render_markdown(meta, skipped, summary) -> str:
     images (of n) on which the codec fits the budget."""
     lines = [f"Measured by `{meta['command']}` on {meta['date']} ({meta['machine']}).", "",
              f"Perceptual distance: {meta['perceptual']}. Bits: {meta['bits']}.", ""]
+    standard = meta.get("standard_perceptual") or {}
+    if standard:
+        lines += ["Standard distances: " + "; ".join(f"{k}: {v}" for k, v in standard.items()) + ". "
+                  + meta.get("network_note", NETWORK_NOTE), ""]
     lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
-    names = {"psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "perceptual": "perceptual distance (lower is better)",
-             "niqe": "NIQE (lower is better)", "roi_psnr": "PSNR inside ROIs (dB)"}
-    digits = {"psnr": 2, "ms_ssim": 4, "perceptual": 4, "niqe": 2, "roi_psnr": 2}
+    names, digits = METRIC_NAMES, METRIC_DIGITS
     for set_name in sorted({r["set"] for r in summary}):
         rows = [r for r in summary if r["set"] == set_name]
         codecs = sorted({r["codec"] for r in rows})
@@ -374,7 +394,10 @@ def render_html(meta, skipped, image_meta, summary, plots, crops, out: Path) -> 
         "<h1>Rate-distortion-perception report</h1>",
         (f"<p><b>Command:</b> <code>{e(meta['command'])}</code><br><b>Date:</b> {e(meta['date'])}<br>"
         f"<b>Machine:</b> {e(meta['machine'])}<br><b>Perceptual distance:</b> {e(str(meta['perceptual']))}"
-        f"<br><b>Bits:</b> {e(meta['bits'])}<br><b>Classical search objective:</b> {e(meta['select'])}</p>"),
+        + "".join(f"<br><b>{e(k)}:</b> {e(str(v))}" for k, v in (meta.get("standard_perceptual") or {}).items())
+        + (f"<br><b>Networks:</b> {e(meta.get('network_note', NETWORK_NOTE))}" if meta.get("standard_perceptual")
+           else "")
+        + f"<br><b>Bits:</b> {e(meta['bits'])}<br><b>Classical search objective:</b> {e(meta['select'])}</p>"),
         "<h2>Codecs</h2><ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in meta["codecs"].items())
         + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in skipped.items()) + "</ul>",
         ("<p>Means over the images on which the codec fits the budget (n_fit of n). Hollow points in the plots "
@@ -383,12 +406,15 @@ def render_html(meta, skipped, image_meta, summary, plots, crops, out: Path) -> 
     for set_name in sorted({r["set"] for r in summary}):
         rows = [r for r in summary if r["set"] == set_name]
         parts.append(f"<h2>Set: {e(set_name)}</h2><table><tr><th>codec</th><th>target bpp</th><th>bpp</th>"
-                     "<th>n_fit/n</th><th>PSNR</th><th>MS-SSIM</th><th>perceptual</th><th>NIQE</th>"
+                     "<th>n_fit/n</th><th>PSNR</th><th>MS-SSIM</th><th>perceptual</th><th>LPIPS-Alex</th>"
+                     "<th>LPIPS-VGG</th><th>DISTS</th><th>NIQE</th>"
                      "<th>ROI PSNR</th><th>downscale (median)</th></tr>")
         for r in sorted(rows, key=lambda r: (r["target_bpp"], r["codec"])):
             parts.append(f"<tr><td>{e(r['codec'])}</td><td>{r['target_bpp']:g}</td><td>{_fmt(r['bpp'], 4)}</td>"
                          f"<td>{r['n_fit']}/{r['n']}</td><td>{_fmt(r['psnr'])}</td><td>{_fmt(r['ms_ssim'], 4)}</td>"
-                         f"<td>{_fmt(r['perceptual'], 4)}</td><td>{_fmt(r['niqe'])}</td><td>{_fmt(r['roi_psnr'])}</td>"
+                         f"<td>{_fmt(r['perceptual'], 4)}</td><td>{_fmt(r.get('lpips_alex'), 4)}</td>"
+                         f"<td>{_fmt(r.get('lpips_vgg'), 4)}</td><td>{_fmt(r.get('dists'), 4)}</td>"
+                         f"<td>{_fmt(r['niqe'])}</td><td>{_fmt(r['roi_psnr'])}</td>"
                          f"<td>{_fmt(r['downscale_median'])}</td></tr>")
         parts.append("</table><p>" + "".join(f"<img class='plot' src='{e(p['path'])}'>"
                                                for p in plots if p["set"] == set_name) + "</p>")

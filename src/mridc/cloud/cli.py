@@ -7,6 +7,7 @@ Commands:
   frames    list decoded frames stored by the service
   train     train the tokenizer, predictor or diffusion model (or all: a session)
   export    build the edge bundle (ONNX fp32/int8, codebook, token prior) from the tokenizer
+  data      build the training corpus (train/val, deduplicated, with a provenance manifest)
 
 Exit status: 0 success, 2 invalid input or arguments, 1 internal error.
 """
@@ -108,6 +109,20 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def cmd_data(args) -> int:
+    from mridc.cloud.corpus import DEFAULT_PACKAGES, build_corpus
+
+    packages = list(args.install_packages or DEFAULT_PACKAGES) if args.install_packages is not None else []
+    manifest = build_corpus(Path(args.out), Path(args.shared_data) if args.shared_data else None,
+                            folders=[Path(f) for f in args.from_], packages=packages, install=bool(packages),
+                            max_side=args.max_side, val_percent=args.val_percent, video_every=args.video_every,
+                            include_shared=not args.no_shared, progress=not args.json,
+                            log=(lambda m: print(m, file=sys.stderr)) if args.json else print)
+    if args.json:
+        print(json.dumps({"out": args.out, **manifest["counts"]}))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +180,41 @@ def build_parser() -> argparse.ArgumentParser:
     # 24: what the shipped bundle used (rebuilt with 24, encoder_int8.onnx is byte-identical to the shipped one)
     p.add_argument("--calib", type=int, default=24, help="training crops that calibrate the int8 encoder")
     p.set_defaults(func=cmd_export)
+
+    from mridc.cloud.corpus import (
+        DEFAULT_MAX_SIDE,
+        DEFAULT_VAL_PERCENT,
+        DEFAULT_VIDEO_EVERY,
+        PACKAGES,
+        RESERVED_PACKAGES,
+        default_corpus_dir,
+    )
+
+    p = sub.add_parser("data", help="build the training corpus (deduplicated, train/val, provenance manifest)",
+                       formatter_class=HelpFormatter,
+                       description="Gather the shared data folder's training photos, every Nth vtest frame 0-489, "
+                                   "your own folders (--from) and optionally Debian photo packages; drop exact and "
+                                   "near duplicates and evaluation images; split train/val by content hash; write "
+                                   "PNG/JPEG/WebP with manifest.json (source, licence, size, sha256 of each file). "
+                                   "Re-running skips what is done. Training uses the corpus when "
+                                   "$MRIDC_CORPUS or data/corpus holds one. See docs/data.md.\n"
+                                   f"Never used (reserved for independent evaluation): {', '.join(RESERVED_PACKAGES)}."
+                                   "\nExample: mridc-cloud data --out data/corpus --from ~/photos")
+    p.add_argument("--out", default=str(default_corpus_dir()), help="corpus folder to write")
+    p.add_argument("--from", dest="from_", action="append", default=[], metavar="FOLDER",
+                   help="also take the images in FOLDER (recursive; licence from LICENSE/credits files beside them); "
+                        "repeatable")
+    p.add_argument("--install-packages", nargs="*", metavar="PACKAGE",
+                   help=f"apt-get install (as root) and take photos from Debian packages: {', '.join(PACKAGES)} "
+                        "(all of them when none is named)")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longest side written (larger: resized)")
+    p.add_argument("--val-percent", type=float, default=DEFAULT_VAL_PERCENT, help="share of images in val/")
+    p.add_argument("--video-every", type=int, default=DEFAULT_VIDEO_EVERY, help="take every Nth vtest frame 0-489")
+    p.add_argument("--shared-data", default=str(default_shared_data_dir()), help="the shared data folder")
+    p.add_argument("--no-shared", action="store_true", help="only --from folders and packages (eval images are "
+                                                            "still recognised from --shared-data)")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON (no progress bar)")
+    p.set_defaults(func=cmd_data)
     return parser
 
 

@@ -114,10 +114,22 @@ class CropSampler:
 
 
 def default_train_sources(shared: Path) -> list[str]:
+    """The built corpus's train/ (`mridc-cloud data`; $MRIDC_CORPUS or data/corpus) when there is one, else the
+    shared data folder's training photos and vtest frames 0-489."""
+    from mridc.cloud.corpus import built_corpus
+
+    corpus = built_corpus()
+    if corpus is not None and list_images([corpus / "train"]):
+        return [str(corpus / "train")]
     return [str(shared / "photos/train"), str(shared / "photos/train_small"),
             f"{shared / 'camera/vtest.avi'}:0-489"]
 
 
 def default_val_sources(shared: Path) -> list[str]:
+    from mridc.cloud.corpus import built_corpus
+
+    corpus = built_corpus()
+    if corpus is not None and list_images([corpus / "val"]):
+        return [str(corpus / "val")]
     # vtest frames 490-499 are held out of training (the eval set, frames 500+, is never used here).
     return [f"{shared / 'camera/vtest.avi'}:490-499:3"]

@@ -84,6 +84,57 @@ class BidirectionalTokenPredictor(nn.Module):
         return self.head(self.norm(x)).reshape(n, h, w, -1)
 
 
+class WindowedPredictor(nn.Module):
+    """Runs a token predictor on overlapping windows of a large grid, so that memory grows with the grid's area
+    and not with its square (full attention over a 10 MP photo's 38,400 tokens would need ~47 GB).
+
+    A grid that fits in one window is passed through unchanged (bit-identical logits). Otherwise each window
+    gives the logits of its centre; the `overlap` tokens at its inner edges are taken from the neighbour, which
+    sees them with context on both sides. The predictor trains on crops of 24x24 tokens with 2-D sin-cos
+    positions, so a window is in its training distribution.
+    """
+
+    def __init__(self, predictor: nn.Module, window: int = 48, overlap: int = 8):
+        super().__init__()
+        if not 0 <= 2 * overlap < window:
+            raise ValueError(f"overlap {overlap} must be less than half of window {window}")
+        self.predictor = predictor
+        self.window = window
+        self.overlap = overlap
+        self.cfg = predictor.cfg
+        self.mask_id = getattr(predictor, "mask_id", None)
+
+    @staticmethod
+    def starts(size: int, window: int, overlap: int) -> list[int]:
+        """Window starts covering [0, size): stride window - 2*overlap, the last one flush with the end."""
+        if size <= window:
+            return [0]
+        stride = window - 2 * overlap
+        out = list(range(0, size - window, stride)) + [size - window]
+        return sorted(set(out))
+
+    def forward(self, tokens: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+        n, h, w = tokens.shape
+        if h <= self.window and w <= self.window:
+            return self.predictor(tokens, keep_mask)
+        out = None
+        ys = self.starts(h, self.window, self.overlap)
+        xs = self.starts(w, self.window, self.overlap)
+        for y in ys:
+            for x in xs:
+                wy, wx = min(self.window, h), min(self.window, w)
+                logits = self.predictor(tokens[:, y:y + wy, x:x + wx], keep_mask[:, y:y + wy, x:x + wx])
+                if out is None:
+                    out = logits.new_empty((n, h, w, logits.shape[-1]))
+                # keep the window's centre; its outer edge only where it touches the grid's edge
+                y0 = 0 if y == ys[0] else self.overlap
+                x0 = 0 if x == xs[0] else self.overlap
+                y1 = wy if y == ys[-1] else wy - self.overlap
+                x1 = wx if x == xs[-1] else wx - self.overlap
+                out[:, y + y0:y + y1, x + x0:x + x1] = logits[:, y0:y1, x0:x1]
+        return out
+
+
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, keep_mask: torch.Tensor,
                       label_smoothing: float = 0.1) -> torch.Tensor:
     """Cross-entropy on the masked positions only."""

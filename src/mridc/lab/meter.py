@@ -6,23 +6,38 @@ import math
 
 import numpy as np
 
-ALL_METRICS = ("psnr", "ms_ssim", "perceptual", "niqe", "roi")
+STANDARD_PERCEPTUAL = ("lpips_alex", "lpips_vgg", "dists")  # lab/lpips.py; None where weights are absent
+STANDARD_LABELS = {"lpips_alex": "LPIPS-Alex v0.1", "lpips_vgg": "LPIPS-VGG v0.1", "dists": "DISTS"}
+ALL_METRICS = ("psnr", "ms_ssim", "perceptual", *STANDARD_PERCEPTUAL, "niqe", "roi")
 ROI_KEYS = ("roi_psnr", "roi_psnr_mean", "roi_ms_ssim_mean", "outside_psnr", "roi_fraction")
 
 
 class Meter:
-    """PSNR, MS-SSIM, the perceptual distance, NIQE and inside/outside-box metrics, as selected by ``metrics``.
+    """PSNR, MS-SSIM, the perceptual distances, NIQE and inside/outside-box metrics, as selected by ``metrics``.
 
-    The perceptual network is loaded once here. With ``perceptual_required=False`` a machine without its
-    weights still measures the rest: ``perceptual`` is None and ``perceptual_missing`` says why.
+    The perceptual networks are loaded once here. With ``perceptual_required=False`` a machine without the
+    MobileNetV2 weights still measures the rest: ``perceptual`` is None and ``perceptual_missing`` says why.
+    The standard distances (``lpips_alex``, ``lpips_vgg``, ``dists``) are never required: where their weights
+    are absent they are None and ``standard_missing[metric]`` says why.
     """
 
     def __init__(self, metrics=ALL_METRICS, perceptual_weights: str | None = None, *,
-                 perceptual_required: bool = True):
+                 perceptual_required: bool = True, standard_weights: str | None = None, device: str = "cpu"):
         self.metrics = set(metrics)
         self.perceptual = None
         self.perceptual_name = None
         self.perceptual_missing = None
+        self.standard = None
+        self.standard_missing: dict[str, str] = {}
+        wanted = [m for m in STANDARD_PERCEPTUAL if m in self.metrics]
+        if wanted:
+            try:
+                from .lpips import StandardPerceptual
+
+                self.standard = StandardPerceptual.load(device, standard_weights, metrics=wanted)
+                self.standard_missing = dict(self.standard.missing)
+            except ImportError as exc:
+                self.standard_missing = {m: f"{type(exc).__name__}: {exc}" for m in wanted}
         if "perceptual" in self.metrics:
             try:
                 from .perceptual import PerceptualDistance
@@ -33,6 +48,11 @@ class Meter:
                 if perceptual_required:
                     raise
                 self.perceptual_missing = f"{type(exc).__name__}: {exc}"
+
+    def standard_labels(self) -> dict[str, str]:
+        """Per selected standard distance: its name, or "unavailable (reason)"."""
+        return {m: (f"unavailable ({self.standard_missing[m]})" if m in self.standard_missing else STANDARD_LABELS[m])
+                for m in STANDARD_PERCEPTUAL if m in self.metrics}
 
     @staticmethod
     def niqe(image: np.ndarray) -> float | None:
@@ -56,6 +76,9 @@ class Meter:
             out["ms_ssim"] = m.ms_ssim(ref, dec)
         if "perceptual" in self.metrics:
             out["perceptual"] = self.perceptual(ref, dec) if self.perceptual is not None else None
+        for metric in STANDARD_PERCEPTUAL:
+            if metric in self.metrics:
+                out[metric] = self.standard.distance(metric, ref, dec) if self.standard is not None else None
         if "niqe" in self.metrics:
             out["niqe"] = self.niqe(dec)
         if "roi" in self.metrics and boxes:

@@ -1,5 +1,6 @@
-"""Habits shared by every trainer: device choice, seeds, exact-resume state (runs/*/last.pt), a JSONL loss log,
-and a budget in steps and/or minutes. Model files (best.pt, shipped weights) go through `mridc.cloud.zoo`."""
+"""Pieces of every trainer: device choice, seeds, RNG state for exact resume, a JSONL loss log, a budget in steps
+and/or minutes, the shared command-line options. The loop itself is `mridc.cloud.train.trainer.Trainer`; model
+files (best.pt, shipped weights) go through `mridc.cloud.zoo`."""
 
 from __future__ import annotations
 
@@ -117,27 +118,3 @@ def init_from_shipped(kind: str, path, device: torch.device):
     model = load_model(path, kind, device).train()  # a freshly built model trains from train mode too
     print(f"initialised weights from {path}")
     return model
-
-
-def resume_state(run_dir: Path, device: torch.device, model: torch.nn.Module, opt, budget: Budget) -> dict | None:
-    """Load run_dir/last.pt into the model, optimizer, budget and RNGs; the checkpoint dict, or None."""
-    path = Path(run_dir) / "last.pt"
-    if not path.exists():
-        return None
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    budget.elapsed_before = ck["elapsed"]
-    set_rng_state(ck["rng"])
-    print(f"resumed at step {ck['step']}")
-    return ck
-
-
-def data_streams(seed: int, checkpoint: dict | None) -> tuple[random.Random, torch.Generator]:
-    """The crop and mask random streams; on resume they continue exactly where the checkpoint left them."""
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    if checkpoint and checkpoint.get("data_rng") is not None:
-        rng.setstate(checkpoint["data_rng"][0])
-        gen.set_state(checkpoint["data_rng"][1].cpu())
-    return rng, gen

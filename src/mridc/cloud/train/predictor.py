@@ -1,32 +1,40 @@
-"""Train the bidirectional token predictor (BPCG part 1) on tokens of training crops from a frozen tokenizer."""
+"""Train the bidirectional token predictor (BPCG part 1) on tokens of training crops from a frozen tokenizer.
+
+`--mask-source` picks the keep masks it learns from: `random` (default; random ratio, half uniform and half
+shaped by the crop's gradient map), `edge` (the camera's own selection: `mridc.edge` priority map and
+map-guided selection at a random keep ratio, so it learns what the edge sends) or `mixed` (half of each).
+"""
 
 from __future__ import annotations
 
 import argparse
 import random
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mridc.cloud.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, masked_token_loss, tiny_predictor_config
-from mridc.cloud.train.common import (
-    Budget,
-    JsonlLog,
-    add_common_arguments,
-    data_streams,
-    init_from_shipped,
-    pick_device,
-    resume_state,
-    rng_state,
-    seed_everything,
-    trainer_main,
-)
-from mridc.cloud.train.masks import sample_keep_masks
-from mridc.cloud.zoo import atomic_save, load_model, save_model
+from mridc.cloud.train.common import add_common_arguments, init_from_shipped, trainer_main
+from mridc.cloud.train.masks import MASK_SOURCES, keep_masks, tokens_and_quant_error
+from mridc.cloud.train.trainer import DataStreams, StepContext, Trainer, TrainerConfig, TrainTask
+from mridc.cloud.zoo import load_model, save_model
 from mridc.shared.zoo import default_shared_data_dir
+
+
+@dataclass
+class PredictorTrainConfig:
+    tokenizer: str = "models/tokenizer.pt"  # the frozen tokenizer whose tokens it learns
+    batch: int = 16
+    crop: int = 256
+    lr: float = 4e-4
+    warmup: int = 500  # linear learning-rate warm-up steps
+    tiny: bool = False
+    init: str | None = None
+    mask_source: str = "random"  # random | edge | mixed (see the module docstring)
+    data: list[str] | None = None
+    shared_data: str | None = None
 
 
 @torch.no_grad()
@@ -42,75 +50,92 @@ def evaluate(model, tokens: torch.Tensor, masks: torch.Tensor) -> dict:
     return {"top1": float(top1), "top5": float(top5), "loss": float(torch.nn.functional.cross_entropy(pred, target))}
 
 
-def train_predictor(args: argparse.Namespace) -> Path:
-    device = pick_device(args.device)
-    seed_everything(args.seed)
-    run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(run_dir / "log.jsonl")
-    tokenizer = load_model(args.tokenizer, "tokenizer", device)
-    stride = tokenizer.cfg.stride
-    cfg = (tiny_predictor_config(tokenizer.cfg.codebook_size) if args.tiny
-           else PredictorConfig(codebook_size=tokenizer.cfg.codebook_size))
-    model = BidirectionalTokenPredictor(cfg).to(device)
-    model = init_from_shipped("predictor", args.init, device) or model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.96), weight_decay=0.01)
-    budget = Budget(args.steps, args.minutes)
-    ck = resume_state(run_dir, device, model, opt, budget)
-    step, best = (ck["step"], ck["best"]) if ck else (0, -1.0)
+class PredictorTask(TrainTask):
+    name = "predictor"
 
-    shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
-    images = [img for spec in (args.data or default_train_sources(shared)) for img in parse_source(spec)]
-    sampler = CropSampler(images, args.crop, device)
-    rng, gen = data_streams(args.seed, ck)
-    val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)] + images[:3], args.crop,
-                           device, min_scale=0.5).sample(16, random.Random(7))
-    val_tokens = tokenizer.encode_indices(val_imgs)
-    val_masks = sample_keep_masks(val_imgs, stride, torch.Generator().manual_seed(7), min_keep=0.3, max_keep=0.75)
-    amp = device.type == "cuda"
-    budget.start()
-    bar = tqdm(total=args.steps or None, initial=step, desc="predictor", dynamic_ncols=True)
-    last_log = time.time()
-    while not budget.done(step):
-        lr = args.lr * min(1.0, (step + 1) / 500)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def __init__(self, cfg: PredictorTrainConfig):
+        self.cfg = cfg
+
+    def build(self, device: torch.device, resuming: bool) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_model(cfg.tokenizer, "tokenizer", device)
+        self.stride = self.tokenizer.cfg.stride
+        mcfg = (tiny_predictor_config(self.tokenizer.cfg.codebook_size) if cfg.tiny
+                else PredictorConfig(codebook_size=self.tokenizer.cfg.codebook_size))
+        self.model = BidirectionalTokenPredictor(mcfg).to(device)
+        self.model = init_from_shipped("predictor", cfg.init, device) or self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.96), weight_decay=0.01)
+
+    def _tokens_and_masks(self, x: torch.Tensor, gen: torch.Generator, **limits) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.mask_source == "random":  # today's path, draws exactly as before
+            return self.tokenizer.encode_indices(x), keep_masks(x, self.stride, gen, **limits)
+        tokens, qerr = tokens_and_quant_error(self.tokenizer, x)
+        return tokens, keep_masks(x, self.stride, gen, source=self.cfg.mask_source, tokens=tokens,
+                                  quant_error=qerr, **limits)
+
+    def prepare_data(self, device: torch.device) -> None:
+        cfg = self.cfg
+        shared = Path(cfg.shared_data) if cfg.shared_data else default_shared_data_dir()
+        images = [img for spec in (cfg.data or default_train_sources(shared)) for img in parse_source(spec)]
+        self.sampler = CropSampler(images, cfg.crop, device)
+        val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)] + images[:3],
+                               cfg.crop, device, min_scale=0.5).sample(16, random.Random(7))
         with torch.no_grad():
-            x = sampler.sample(args.batch, rng)
-            tokens = tokenizer.encode_indices(x)
-            masks = sample_keep_masks(x, stride, gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(tokens, masks)
+            self.val_tokens, self.val_masks = self._tokens_and_masks(
+                val_imgs, torch.Generator().manual_seed(7), min_keep=0.3, max_keep=0.75)
+
+    @torch.no_grad()
+    def sample(self, streams: DataStreams) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.sampler.sample(self.cfg.batch, streams.rng)
+        return self._tokens_and_masks(x, streams.gen)
+
+    def train_step(self, batch, ctx: StepContext) -> dict:
+        tokens, masks = batch
+        lr = self.cfg.lr * min(1.0, (ctx.step + 1) / self.cfg.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with ctx.autocast():
+            logits = self.model(tokens, masks)
         loss = masked_token_loss(logits, tokens, masks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if time.time() - last_log > 10 or step % 100 == 0:
-            last_log = time.time()
-            log.write(step=step, elapsed=budget.elapsed(), loss=loss, lr=lr)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.eval_every == 0 or budget.done(step):
-            metrics = evaluate(model, val_tokens, val_masks)
-            is_best = metrics["top1"] > best
-            if is_best:
-                best = metrics["top1"]
-                save_model(run_dir / "best.pt", "predictor", model,
-                           {"step": step, "val": metrics, "tokenizer": str(args.tokenizer)}, half=False)
-            log.write(step=step, eval=metrics, best=is_best)
-            tqdm.write(f"[eval step {step}] top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f}")
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                         "elapsed": budget.elapsed(), "rng": rng_state(),
-                         "data_rng": (rng.getstate(), gen.get_state())}, run_dir / "last.pt")
-    bar.close()
-    return run_dir / "best.pt"
+        ctx.optimize(loss, self.opt)
+        return {"loss": loss, "lr": lr}
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict:
+        metrics = evaluate(model, self.val_tokens, self.val_masks)
+        return {**metrics, "score": metrics["top1"]}
+
+    def describe(self, m: dict) -> str:
+        return f"top1 {m['top1']:.3f} top5 {m['top5']:.3f}"
+
+    def best_meta(self, step: int, metrics: dict) -> dict:
+        return {"step": step, "val": metrics, "tokenizer": str(self.cfg.tokenizer), "masks": self.cfg.mask_source}
+
+    def save_best(self, path: Path, model: torch.nn.Module, meta: dict) -> None:
+        save_model(path, "predictor", model, meta, half=False)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+
+def train_predictor(args: argparse.Namespace) -> Path:
+    trainer = TrainerConfig(out=args.out, steps=args.steps, minutes=args.minutes, eval_every=args.eval_every,
+                            seed=args.seed, device=args.device, ema=args.ema)
+    task = PredictorTrainConfig(tokenizer=args.tokenizer, batch=args.batch, crop=args.crop, lr=args.lr,
+                                tiny=args.tiny, init=args.init, mask_source=args.mask_source, data=args.data,
+                                shared_data=args.shared_data)
+    return Trainer(trainer, PredictorTask(task)).run()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, kind="predictor", batch=16, crop=256, lr=0.0004, frozen_tokenizer=True)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated/shipped weights (0 = off)")
+    p.add_argument("--mask-source", choices=MASK_SOURCES, default="random",
+                   help="training masks: random (default), edge (the camera's selection policy) or mixed")
 
 
 def main(argv=None) -> int:

@@ -13,33 +13,24 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mridc.cloud.data import CropSampler, default_train_sources, default_val_sources, parse_source
 from mridc.cloud.discriminator import PatchDiscriminator, hinge_d_loss, r1_penalty
 from mridc.cloud.tokenizer import TokenizerConfig, VQTokenizer, tiny_tokenizer_config
-from mridc.cloud.train.common import (
-    Budget,
-    JsonlLog,
-    pick_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
 from mridc.cloud.train.losses import adaptive_gan_weight, feature_matching_loss, ms_ssim_loss, selection_score
-from mridc.cloud.zoo import atomic_save, load_checkpoint, load_model, save_checkpoint, save_model
+from mridc.cloud.train.trainer import DataStreams, StepContext, Trainer, TrainerConfig, TrainTask
+from mridc.cloud.zoo import load_checkpoint, load_model, save_checkpoint, save_model
 from mridc.shared.zoo import default_shared_data_dir
 
 
 @dataclass
 class TokenizerTrainConfig:
-    steps: int = 20000
-    minutes: float = 0.0
+    """The tokenizer's recipe (the loop's budget, seed, AMP, EMA are `TrainerConfig`'s)."""
+
     batch: int = 8
     crop: int = 256
     lr: float = 2e-4
@@ -54,13 +45,16 @@ class TokenizerTrainConfig:
     r1_every: int = 8
     restart_every: int = 100
     restart_until: float = 0.8
-    eval_every: int = 500
-    save_every: int = 500
-    seed: int = 0
-    amp: bool = True
     tiny: bool = False
     min_scale: float = 0.2  # smallest crop scale (a crop covers crop/min_scale source pixels)
     select: str = "detail"  # checkpoint score: "detail" (PSNR penalised by gradient-energy error) or "psnr"
+    init: str | None = None  # starting weights (a shipped tokenizer file) instead of scratch
+    init_disc: str | None = None  # discriminator weights to continue adversarial training (with init)
+    init_gan_on: bool = False  # with init: the GAN phase starts at once
+    freeze_encoder: bool = False  # decoder-only fine-tuning: tokens, codebook and model id stay as shipped
+    data: list[str] | None = None  # training sources (default: the shared data's training split)
+    val: list[str] | None = None  # validation images (default: held-out camera frames + photo crops)
+    shared_data: str | None = None
     model: dict = field(default_factory=dict)
 
 
@@ -97,161 +91,149 @@ def evaluate(model: VQTokenizer, val: torch.Tensor, select: str = "detail") -> d
     return result
 
 
-def train_tokenizer(args: argparse.Namespace) -> Path:
-    tcfg = TokenizerTrainConfig(steps=args.steps, minutes=args.minutes, batch=args.batch, crop=args.crop,
-                                seed=args.seed, tiny=args.tiny, eval_every=args.eval_every,
-                                save_every=args.eval_every, gan_start=args.gan_start, lr=args.lr,
-                                disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp,
-                                min_scale=args.min_scale, select=args.select)
-    device = pick_device(args.device)
-    seed_everything(tcfg.seed)
-    run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(run_dir / "log.jsonl")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+class TokenizerTask(TrainTask):
+    """L1 + MS-SSIM + VQ losses; the GAN phase as the module docstring describes it."""
 
-    mcfg = tiny_tokenizer_config() if tcfg.tiny else TokenizerConfig()
-    model = VQTokenizer(mcfg).to(device)
-    disc = PatchDiscriminator(width=16 if tcfg.tiny else 64).to(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.disc_lr, betas=(0.5, 0.9))
-    budget = Budget(tcfg.steps, tcfg.minutes)
-    step, best_score, gan_start_step = 0, -1e9, None
-    data_rng_state = None
+    name = "tokenizer"
+    postfix_keys = ("l1", "d_loss", "adv_weight")
 
-    resume = run_dir / "last.pt"
-    if resume.exists():
-        ck = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        disc.load_state_dict(ck["disc"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
-        step, best_score, gan_start_step = ck["step"], ck["best_score"], ck.get("gan_start_step")
-        budget.elapsed_before = ck.get("elapsed", 0.0)
-        set_rng_state(ck["rng"])
-        data_rng_state = ck.get("data_rng")
-        print(f"resumed from {resume} at step {step}")
-    elif args.init:
-        model = load_model(args.init, "tokenizer", device).train()
-        opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(0.5, 0.9))
-        if args.init_disc and Path(args.init_disc).exists():
-            disc.load_state_dict(load_checkpoint(args.init_disc, "discriminator", device)["state_dict"])
-            gan_start_step = -tcfg.disc_warmup - tcfg.gan_ramp  # GAN already trained: no warm-up again
-        print(f"initialised weights from {args.init}")
-        if gan_start_step is None and args.init_gan_on:
-            gan_start_step = 0
+    def __init__(self, cfg: TokenizerTrainConfig):
+        self.cfg = cfg
+        self.gan_start_step: int | None = None
+        self.gan_on = False
 
-    if args.freeze_encoder:
-        # Decoder-only fine-tuning: tokens, codebook and model id stay exactly as shipped, so the edge bundle
-        # and the predictor trained on these tokens remain valid.
-        for module in (model.encoder, model.quantizer):
-            for param in module.parameters():
-                param.requires_grad_(False)
-        if not resume.exists():
-            opt_g = torch.optim.Adam(model.decoder.parameters(), lr=tcfg.lr, betas=(0.5, 0.9))
-        tcfg.restart_until = 0.0
+    def build(self, device: torch.device, resuming: bool) -> None:
+        cfg = self.cfg
+        self.device = device
+        mcfg = tiny_tokenizer_config() if cfg.tiny else TokenizerConfig()
+        self.model = VQTokenizer(mcfg).to(device)
+        self.disc = PatchDiscriminator(width=16 if cfg.tiny else 64).to(device)
+        if not resuming and cfg.init:
+            self.model = load_model(cfg.init, "tokenizer", device).train()
+            if cfg.init_disc and Path(cfg.init_disc).exists():
+                self.disc.load_state_dict(load_checkpoint(cfg.init_disc, "discriminator", device)["state_dict"])
+                self.gan_start_step = -cfg.disc_warmup - cfg.gan_ramp  # GAN already trained: no warm-up again
+            print(f"initialised weights from {cfg.init}")
+            if self.gan_start_step is None and cfg.init_gan_on:
+                self.gan_start_step = 0
+        params = self.model.parameters()
+        if cfg.freeze_encoder:
+            # Decoder-only fine-tuning: tokens, codebook and model id stay exactly as shipped, so the edge bundle
+            # and the predictor trained on these tokens remain valid.
+            for module in (self.model.encoder, self.model.quantizer):
+                for param in module.parameters():
+                    param.requires_grad_(False)
+            params = self.model.decoder.parameters()
+            cfg.restart_until = 0.0
+        self.opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
 
-    shared = Path(args.shared_data) if args.shared_data else default_shared_data_dir()
-    sources = args.data or default_train_sources(shared)
-    images = [img for spec in sources for img in parse_source(spec)]
-    sampler = CropSampler(images, tcfg.crop, device, min_scale=tcfg.min_scale)
-    val = build_val_set(shared, device, tcfg.crop, args.val)
-    rng = random.Random(tcfg.seed)
-    if data_rng_state is not None:
-        rng.setstate(data_rng_state)
-    amp = tcfg.amp and device.type == "cuda"
-    print(f"tokenizer: {sum(p.numel() for p in model.encoder.parameters())/1e6:.2f}M encoder params, "
-          f"{sum(p.numel() for p in model.decoder.parameters())/1e6:.2f}M decoder params, "
-          f"{len(images)} training images, device {device}")
+    def prepare_data(self, device: torch.device) -> None:
+        cfg = self.cfg
+        shared = Path(cfg.shared_data) if cfg.shared_data else default_shared_data_dir()
+        images = [img for spec in (cfg.data or default_train_sources(shared)) for img in parse_source(spec)]
+        self.sampler = CropSampler(images, cfg.crop, device, min_scale=cfg.min_scale)
+        self.val = build_val_set(shared, device, cfg.crop, cfg.val)
+        print(f"tokenizer: {sum(p.numel() for p in self.model.encoder.parameters())/1e6:.2f}M encoder params, "
+              f"{sum(p.numel() for p in self.model.decoder.parameters())/1e6:.2f}M decoder params, "
+              f"{len(images)} training images, device {device}")
 
-    if step == 0 and args.init:  # the starting weights are a candidate too: GAN must beat them to be kept
-        metrics = evaluate(model, val, tcfg.select)
-        best_score = metrics["score"]
-        save_model(run_dir / "best.pt", "tokenizer", model, {"step": 0, "val": metrics, "train": asdict(tcfg),
-                                                             "gan_active": False, "init": str(args.init)}, half=False)
-        log.write(step=0, eval=metrics, best=True)
-        tqdm.write(f"[eval start] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} score {metrics['score']:.2f}")
-    budget.start()
-    bar = tqdm(total=tcfg.steps or None, initial=step, desc="tokenizer", dynamic_ncols=True)
-    model.train()
-    last_log = time.time()
-    while not budget.done(step):
-        progress = budget.progress(step)
-        if gan_start_step is None and progress >= tcfg.gan_start:
-            gan_start_step = step
-        x = sampler.sample(tcfg.batch, rng)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    def sample(self, streams: DataStreams) -> torch.Tensor:
+        return self.sampler.sample(self.cfg.batch, streams.rng)
+
+    def train_step(self, x: torch.Tensor, ctx: StepContext) -> dict:
+        cfg, model, disc, step = self.cfg, self.model, self.disc, ctx.step
+        if self.gan_start_step is None and ctx.progress >= cfg.gan_start:
+            self.gan_start_step = step
+        with ctx.autocast():
             out = model(x)
         rec = out.reconstruction.float()
         l1 = (rec - x).abs().mean()
         ssim_l = ms_ssim_loss(rec, x)
-        rec_loss = l1 + tcfg.msssim_weight * ssim_l
+        rec_loss = l1 + cfg.msssim_weight * ssim_l
         loss = rec_loss + out.vq_loss.float()
 
-        gan_on = gan_start_step is not None and step >= gan_start_step + tcfg.disc_warmup
+        self.gan_on = gan_on = self.gan_start_step is not None and step >= self.gan_start_step + cfg.disc_warmup
         adv_w = torch.tensor(0.0)
         if gan_on:
-            ramp = min(1.0, (step - gan_start_step - tcfg.disc_warmup) / tcfg.gan_ramp)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            ramp = min(1.0, (step - self.gan_start_step - cfg.disc_warmup) / cfg.gan_ramp)
+            with ctx.autocast():
                 fake_logits, fake_feats = disc(rec)
                 with torch.no_grad():
                     _, real_feats = disc(x)
             g_adv = -fake_logits.float().mean()
             fm = feature_matching_loss([f.float() for f in fake_feats], [f.float() for f in real_feats])
-            adv_w = adaptive_gan_weight(rec_loss, g_adv, model.decoder.last_layer_weight) * tcfg.gan_weight * ramp
-            loss = loss + adv_w * g_adv + tcfg.feature_weight * ramp * fm
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt_g.step()
+            adv_w = adaptive_gan_weight(rec_loss, g_adv, model.decoder.last_layer_weight) * cfg.gan_weight * ramp
+            loss = loss + adv_w * g_adv + cfg.feature_weight * ramp * fm
+        ctx.optimize(loss, self.opt_g, [p for p in model.parameters() if p.requires_grad])
 
         d_loss = torch.tensor(0.0)
-        if gan_start_step is not None and step >= gan_start_step:
-            real = x.detach().requires_grad_(step % tcfg.r1_every == 0)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if self.gan_start_step is not None and step >= self.gan_start_step:
+            r1 = step % cfg.r1_every == 0
+            real = x.detach().requires_grad_(r1)
+            with ctx.autocast():
                 real_logits, _ = disc(real)
                 fake_logits, _ = disc(rec.detach())
             d_loss = hinge_d_loss(real_logits.float(), fake_logits.float())
-            if step % tcfg.r1_every == 0:
-                d_loss = d_loss + tcfg.r1_gamma * tcfg.r1_every * 0.5 * r1_penalty(real_logits.float(), real)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+            if r1:  # lazy R1: every r1_every steps, scaled up to match
+                d_loss = d_loss + cfg.r1_gamma * cfg.r1_every * 0.5 * r1_penalty(real_logits.float(), real)
+            ctx.optimize(d_loss, self.opt_d, clip=False)
 
-        if step % tcfg.restart_every == 0 and step > 0 and progress < tcfg.restart_until:
+        restarted = 0
+        if step % cfg.restart_every == 0 and step > 0 and ctx.progress < cfg.restart_until:
             restarted = model.quantizer.restart_dead_codes(out.z)
-        else:
-            restarted = 0
-        step += 1
-        bar.update(1)
-        if time.time() - last_log > 10 or step % 100 == 0:
-            last_log = time.time()
-            log.write(step=step, elapsed=budget.elapsed(), l1=l1, msssim_loss=ssim_l, vq=out.vq_loss,
-                      d_loss=d_loss, adv_weight=adv_w, restarted=restarted)
-            bar.set_postfix(l1=f"{l1.item():.3f}", d=f"{d_loss.item():.2f}", w=f"{float(adv_w):.2f}")
-        if step % tcfg.eval_every == 0 or budget.done(step):
-            metrics = evaluate(model, val, tcfg.select)
-            is_best = metrics["score"] > best_score
-            if is_best:
-                best_score = metrics["score"]
-                save_model(run_dir / "best.pt", "tokenizer", model,
-                           {"step": step, "val": metrics, "train": asdict(tcfg), "gan_active": bool(gan_on)},
-                           half=False)
-            log.write(step=step, eval=metrics, best=is_best)
-            tqdm.write(f"[eval step {step}] psnr {metrics['psnr']:.2f} hf {metrics['hf_ratio']:.2f} "
-                       f"score {metrics['score']:.2f} perplexity {metrics['codebook_perplexity']:.0f} "
-                       f"used {metrics['codes_used']:.2f}{' *best*' if is_best else ''}")
-            atomic_save({"model": model.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                         "opt_d": opt_d.state_dict(), "step": step, "best_score": best_score,
-                         "gan_start_step": gan_start_step, "elapsed": budget.elapsed(), "rng": rng_state(),
-                         "data_rng": rng.getstate()},
-                        run_dir / "last.pt")
-            save_checkpoint(run_dir / "disc.pt", "discriminator", disc.state_dict())
-    bar.close()
-    return run_dir / "best.pt"
+        return {"l1": l1, "msssim_loss": ssim_l, "vq": out.vq_loss, "d_loss": d_loss, "adv_weight": adv_w,
+                "restarted": restarted}
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict:
+        return evaluate(model, self.val, self.cfg.select)
+
+    def describe(self, m: dict) -> str:
+        return (f"psnr {m['psnr']:.2f} hf {m['hf_ratio']:.2f} score {m['score']:.2f} "
+                f"perplexity {m['codebook_perplexity']:.0f} used {m['codes_used']:.2f}")
+
+    def best_meta(self, step: int, metrics: dict) -> dict:
+        meta = {"step": step, "val": metrics, "gan_active": bool(self.gan_on)}
+        if self.cfg.init:
+            meta["init"] = str(self.cfg.init)
+        return meta
+
+    def save_best(self, path: Path, model: torch.nn.Module, meta: dict) -> None:
+        save_model(path, "tokenizer", model, meta, half=False)
+
+    def evaluate_initial(self) -> bool:
+        return bool(self.cfg.init)  # GAN fine-tuning must beat the starting weights to be kept
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "disc": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(), "gan_start_step": self.gan_start_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["disc"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.gan_start_step = state.get("gan_start_step")
+
+    def after_checkpoint(self, run_dir: Path) -> None:
+        save_checkpoint(run_dir / "disc.pt", "discriminator", self.disc.state_dict())
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainerConfig, TokenizerTrainConfig]:
+    trainer = TrainerConfig(out=args.out, steps=args.steps, minutes=args.minutes, eval_every=args.eval_every,
+                            seed=args.seed, device=args.device, ema=args.ema, tf32=True)
+    task = TokenizerTrainConfig(batch=args.batch, crop=args.crop, lr=args.lr, gan_start=args.gan_start,
+                                disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp, tiny=args.tiny,
+                                min_scale=args.min_scale, select=args.select, init=args.init,
+                                init_disc=args.init_disc, init_gan_on=args.init_gan_on,
+                                freeze_encoder=args.freeze_encoder, data=args.data, val=args.val,
+                                shared_data=args.shared_data)
+    return trainer, task
+
+
+def train_tokenizer(args: argparse.Namespace) -> Path:
+    trainer_cfg, task_cfg = configs_from_args(args)
+    return Trainer(trainer_cfg, TokenizerTask(task_cfg)).run()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,6 +263,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="smallest random crop scale (0.2: a 256 crop may cover 1280 source pixels)")
     p.add_argument("--select", choices=["detail", "psnr"], default="detail",
                    help="checkpoint selection score on the held-out crops")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated/shipped weights (0 = off)")
     p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -37,6 +38,25 @@ def load_perceptual():
         raise MissingPiece(f"perceptual distance unavailable: {exc}. Or run with --no-perceptual.") from exc
 
 
+_LPIPS_LOCK = threading.Lock()
+_LPIPS: list = []  # [StandardPerceptual or None], loaded on first use
+
+
+def lpips_alex_meter():
+    """Standard LPIPS-Alex (cheap: AlexNet; the VGG-based LPIPS-VGG and DISTS are left to the bench), loaded once;
+    None where its weights are absent (the frame rows then carry ``lpips_alex: None``)."""
+    with _LPIPS_LOCK:
+        if not _LPIPS:
+            try:
+                from mridc.lab.lpips import StandardPerceptual
+
+                meter = StandardPerceptual.load("cpu", metrics=("lpips_alex",))
+                _LPIPS.append(meter if "lpips_alex" in meter.available else None)
+            except ImportError:
+                _LPIPS.append(None)
+        return _LPIPS[0]
+
+
 # -- measurement ----------------------------------------------------------------------------------------------
 def _finite(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 4)
@@ -46,8 +66,10 @@ def quality(ref: np.ndarray, dec: np.ndarray, perceptual) -> dict:
     from mridc.lab.metrics import ms_ssim, psnr
 
     out = {"psnr": _finite(psnr(ref, dec)), "ms_ssim": _finite(ms_ssim(ref, dec))}
-    if perceptual is not None:
+    if perceptual is not None:  # --no-perceptual skips both perceptual distances
         out["perceptual"] = _finite(perceptual(ref, dec))
+        lpips = lpips_alex_meter()
+        out["lpips_alex"] = _finite(lpips.lpips_alex(ref, dec)) if lpips is not None else None
     return out
 
 

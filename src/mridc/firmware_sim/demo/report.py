@@ -26,13 +26,14 @@ def summarise(rows: list[dict]) -> dict:
         "capture_to_stored_s_mean": _mean(r["capture_to_stored_s"] for r in rows),
         "capture_to_stored_s_max": max((r["capture_to_stored_s"] for r in rows if r["capture_to_stored_s"]),
                                        default=None),
-        "mridc": {k: _mean(r["mridc"].get(k) for r in ok) for k in ("psnr", "ms_ssim", "perceptual")},
-        "avif": {k: _mean(r["avif"].get(k) for r in with_avif) for k in ("psnr", "ms_ssim", "perceptual")},
+        "mridc": {k: _mean(r["mridc"].get(k) for r in ok) for k in ("psnr", "ms_ssim", "perceptual", "lpips_alex")},
+        "avif": {k: _mean(r["avif"].get(k) for r in with_avif)
+                 for k in ("psnr", "ms_ssim", "perceptual", "lpips_alex")},
         "avif_frames": len(with_avif),
     }
     if with_avif:  # on the frames where both exist: who is better, frame by frame
         wins = {}
-        for key, higher_better in (("psnr", True), ("ms_ssim", True), ("perceptual", False)):
+        for key, higher_better in (("psnr", True), ("ms_ssim", True), ("perceptual", False), ("lpips_alex", False)):
             pairs = [(r["mridc"].get(key), r["avif"].get(key)) for r in with_avif]
             pairs = [(m, a) for m, a in pairs if m is not None and a is not None]
             if pairs:
@@ -74,10 +75,12 @@ def write_markdown(report: dict, path: Path) -> None:
     m, a = s["mridc"], s["avif"]
     lines += [
         "", "## Means", "",
-        "| | PSNR dB (higher better) | MS-SSIM (higher better) | perceptual (lower better) |", "|---|---|---|---|",
-        f"| MRIDC | {fmt(m['psnr'])} | {fmt(m['ms_ssim'], '.3f')} | {fmt(m['perceptual'], '.3f')} |",
+        ("| | PSNR dB (higher better) | MS-SSIM (higher better) | perceptual (lower better) "
+         "| LPIPS-Alex v0.1 (lower better) |"), "|---|---|---|---|---|",
+        (f"| MRIDC | {fmt(m['psnr'])} | {fmt(m['ms_ssim'], '.3f')} | {fmt(m['perceptual'], '.3f')} "
+         f"| {fmt(m.get('lpips_alex'), '.3f')} |"),
         (f"| AVIF, same bytes ({s['avif_frames']} frames) | {fmt(a['psnr'])} | {fmt(a['ms_ssim'], '.3f')} | "
-         f"{fmt(a['perceptual'], '.3f')} |"), "",
+         f"{fmt(a['perceptual'], '.3f')} | {fmt(a.get('lpips_alex'), '.3f')} |"), "",
         "MRIDC better than AVIF at the same bytes, frames: " + (", ".join(
             f"{k} {v}/{s['avif_frames']}" for k, v in s.get("mridc_better_than_avif", {}).items()) or "n/a") + ".", "",
         "## Notes", "",
