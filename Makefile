@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup system-deps test test-all demo demo-short bench train train-smoke export export-litert proto lint fuzz test-arm64 clean
+.PHONY: help setup system-deps test test-all demo demo-short bench data train train-smoke export export-litert proto lint fuzz test-arm64 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ demo: setup ## end-to-end demo: simulated cameras -> emulated link -> cloud serv
 
 bench: setup ## a reduced run of every benchmark (budgeted ~30 min, untimed); JSON + plots in docs/results/
 	$(VENV)/bin/mridc-bench all --out docs/results
+
+data: setup ## build the training corpus in data/corpus (dedup, train/val split, manifest; training then uses it)
+	$(VENV)/bin/mridc-cloud data --out data/corpus $(DATA_ARGS)
 
 train: setup ## train tokenizer, predictor, diffusion on the CPU (resumes from runs/ and models/; CUDA if present)
 	$(VENV)/bin/mridc-cloud train all --runs runs --ship-dir models --init-dir models

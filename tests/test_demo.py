@@ -21,6 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_BPP = 0.02
 
 
+def _lpips_weights_present() -> bool:
+    from mridc.lab.lpips import ALEX_FILE, default_weights_dir
+
+    return (default_weights_dir() / ALEX_FILE).is_file()
+
+
 def _perceptual_weights_present() -> bool:
     from mridc.lab.perceptual import default_weights_path
 
@@ -105,6 +111,8 @@ def test_short_demo_end_to_end(tmp_path):
         assert 0 < mridc["ms_ssim"] <= 1
         if _perceptual_weights_present():
             assert math.isfinite(mridc["perceptual"]) and mridc["perceptual"] >= 0
+            if _lpips_weights_present():  # standard LPIPS-Alex beside it (lab/lpips.py)
+                assert math.isfinite(mridc["lpips_alex"]) and mridc["lpips_alex"] > 0
         avif = f["avif"]
         assert avif["fits"] is True and avif["bytes"] <= f["bytes"], avif
         assert math.isfinite(avif["psnr"])

@@ -59,6 +59,13 @@ def test_identity_symmetry_and_more_distortion_is_farther(sp):
     assert fresh.lpips_vgg(img, strong) == pytest.approx(sp.lpips_vgg(img, strong), rel=1e-6)
 
 
+def test_meter_and_lpips_agree_on_the_record_keys():
+    from mridc.lab import lpips, meter
+
+    assert meter.STANDARD_PERCEPTUAL == lpips.METRICS and set(lpips.LABELS) == set(lpips.METRICS)
+    assert set(meter.STANDARD_PERCEPTUAL) <= set(meter.ALL_METRICS)
+
+
 def test_missing_weights_are_reported_not_raised(tmp_path):
     sp = StandardPerceptual.load("cpu", tmp_path)
     assert sp.available == ()

@@ -96,8 +96,8 @@ def to_markdown(result: dict) -> str:
                 cells.append(f"{mean:.3f}{'' if n == len(result['images']) else f' ({n})'}{mark}")
             lines.append(f"| {codec} | " + " | ".join(cells) + f" | {vals['bpp'][0]:.4f} |")
         lines.append("")
-    lines.append("Higher is better for PSNR and MS-SSIM; lower for MNv2-LPIPS (uncalibrated, non-standard), "
-                 + "".join(f"{h}, " for k, h, _ in metrics if k in OPTIONAL_METRICS) + "and NIQE.")
+    lower = ["MNv2-LPIPS (uncalibrated, non-standard)", *(h for k, h, _ in metrics if k in OPTIONAL_METRICS)]
+    lines.append(f"Higher is better for PSNR and MS-SSIM; lower for {', '.join(lower)} and NIQE.")
     if any(k in OPTIONAL_METRICS for k, _, _ in metrics):
         lines += ["", NETWORK_NOTE]
     return "\n".join(lines) + "\n"

@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder, nearest_kept_fill
     from mridc.edge.encoder import EdgeEncoder
     from mridc.lab.datasets import resolve
+    from mridc.lab.lpips import LABELS as STANDARD_LABELS
     from mridc.lab.lpips import METRICS as STANDARD
     from mridc.lab.lpips import StandardPerceptual
-    from mridc.lab.meter import STANDARD_LABELS
     from mridc.lab.metrics import ms_ssim, psnr
 
     torch.set_num_threads(2)

@@ -131,7 +131,10 @@ def default_corpus_dir() -> Path:
 
 
 def built_corpus(path: Path | None = None) -> Path | None:
-    """The corpus folder when a complete corpus is there (manifest.json written), else None."""
+    """The corpus folder when a complete corpus is there (manifest.json written), else None.
+    MRIDC_CORPUS=off makes training use the shared data folder's images as before."""
+    if path is None and os.environ.get("MRIDC_CORPUS", "").lower() in ("off", "none", "0"):
+        return None
     path = default_corpus_dir() if path is None else Path(path)
     return path if (path / "manifest.json").is_file() and (path / "train").is_dir() else None
 
@@ -247,12 +250,24 @@ def _licence_from_text(text: str) -> str | None:
     return first[:120] or None
 
 
+def normalise_licence(text: str) -> str:
+    """'CC-BY-SA 4.0' -> 'CC-BY-SA-4.0', 'Public domain' -> 'Public Domain' (as the credits files vary)."""
+    text = " ".join(text.split())
+    m = re.fullmatch(r"(?i)(CC[- ]BY(?:-SA|-NC|-ND)*)[- ](\d\.\d)", text)
+    if m:
+        return f"{m.group(1).upper().replace(' ', '-')}-{m.group(2)}"
+    return "Public Domain" if text.lower() == "public domain" else text
+
+
 @dataclass
 class Licence:
     licence: str
     file: str | None = None  # the file it was read from
     author: str | None = None
     url: str | None = None
+
+    def __post_init__(self):
+        self.licence = normalise_licence(self.licence)
 
 
 class LicenceFinder:
@@ -292,7 +307,9 @@ class LicenceFinder:
         self._dir_cache[folder] = info
         return info
 
-    def find(self, path: Path, fallback: str | None = None, package_copyright: Path | None = None) -> Licence:
+    def find(self, path: Path, fallback: str | None = None, package_copyright: Path | None = None,
+             rel: str | None = None) -> Licence:
+        """`rel`: the file's path as a package's copyright file names it (default: relative to that file)."""
         folder = path.parent
         info = self._folder(folder)
         desktop = folder / f"{path.stem}.desktop"
@@ -307,19 +324,26 @@ class LicenceFinder:
                 continue
             name = path.name[len(prefix):]
             for s in stanzas:
-                if name in s["files"] and s.get("license"):
+                if (name in s["files"] or name in {Path(f).name for f in s["files"]}) and s.get("license"):
                     return Licence(str(s["license"]), str(credits_file), s.get("copyright"), s.get("source"))
         debian = list(info["debian"])
         if package_copyright is not None and package_copyright.is_file():
             debian.append((parse_stanzas(package_copyright.read_text(errors="replace")), package_copyright))
         generic = None
-        parts = path.parts
-        tails = ["/".join(parts[i:]) for i in range(len(parts) - 1, max(0, len(parts) - 8), -1)]
         for stanzas, cfile in debian:
+            if rel is not None and cfile == package_copyright:
+                parts = Path(rel).parts
+            elif _inside(path, cfile.parent):
+                parts = path.relative_to(cfile.parent).parts
+            else:
+                parts = (path.name,)
+            tails = ["/".join(parts[i:]) for i in range(len(parts))]
             hit = None
             for s in stanzas:  # the last matching stanza wins (Debian copyright format)
                 for pattern in s["files"]:
-                    if any(fnmatch.fnmatchcase(t, pattern) for t in tails) and s.get("license"):
+                    base = pattern.rsplit("/", 1)[-1]
+                    literal = not any(ch in base for ch in "*?[") and base == path.name  # 16.04/NAME.jpg
+                    if (literal or any(fnmatch.fnmatchcase(t, pattern) for t in tails)) and s.get("license"):
                         hit = (pattern, s)
             if hit:  # the first line of a License field names it; the rest is its text
                 lic = Licence(str(hit[1]["license"]).split()[0], str(cfile), hit[1].get("copyright"))
@@ -567,7 +591,8 @@ def gather_package(name: str, finder: LicenceFinder, root: Path = Path("/"), log
             out += _gcompris_members(name, package, rcc, members, copyright_file)
         return out
     for p in files:
-        lic = finder.find(p, None if spec.licence.startswith("per") else spec.licence, copyright_file)
+        lic = finder.find(p, None if spec.licence.startswith("per") else spec.licence, copyright_file,
+                          str(p.relative_to(folder)))
         out.append(Candidate(f"package:{name}", str(p), lic, package, "yes, with attribution", path=p))
     return out
 
@@ -659,7 +684,11 @@ def fingerprint(c: Candidate, cache: dict) -> None:
         info["format"] = "frame" if c.pixels is not None else img.format
         info["width"], info["height"] = img.size
         if min(img.size) < MIN_SIDE:
-            raise ValueError(f"{img.width}x{img.height} is under {MIN_SIDE} pixels")
+            info["error"] = f"too small: {img.width}x{img.height}, under {MIN_SIDE} pixels"
+            c.info.update(info)
+            if key:
+                cache[key] = info
+            return
         rgb = img.convert("RGB")
         info["dhash"] = f"{dhash(rgb):016x}"
         info["phash"] = f"{phash(rgb):016x}"
@@ -786,7 +815,7 @@ def build_corpus(out: Path, shared: Path | None, folders: Iterable[Path] = (), p
     eval_sha = {e.info["sha256"]: e for e in evals}
     for c in ordered:
         if "error" in c.info:
-            drop(c, "corrupt", detail=c.info["error"])
+            drop(c, "too small" if c.info["error"].startswith("too small") else "corrupt", detail=c.info["error"])
             continue
         sha = c.info["sha256"]
         if sha in eval_sha:
@@ -817,8 +846,10 @@ def build_corpus(out: Path, shared: Path | None, folders: Iterable[Path] = (), p
         label = Path(c.source.split(":", 1)[1]).stem
         base = f"{_slug(label)}__{_slug(name)}-{c.info['sha256'][:10]}"
         w, h = c.info["width"], c.info["height"]
-        same = [r for f, r in previous.items() if f.startswith(f"{split}/{base}.") and r.get("max_side") == max_side
-                and r.get("sha256") == c.info["sha256"]]
+        fits = max(w, h) <= max_side  # written at its own size, whatever --max-side was
+        same = [r for f, r in previous.items()
+                if f.startswith(f"{split}/{base}.") and r.get("sha256") == c.info["sha256"]
+                and (r.get("max_side") == max_side or (fits and not r.get("resized")))]
         rec = same[0] if same and (out / same[0]["file"]).is_file() and \
             (out / same[0]["file"]).stat().st_size == same[0]["out_bytes"] else None
         if rec is None:
@@ -853,7 +884,7 @@ def build_corpus(out: Path, shared: Path | None, folders: Iterable[Path] = (), p
     counts = {"candidates": len(candidates), "kept": len(records),
               "train": sum(r["split"] == "train" for r in records), "val": sum(r["split"] == "val" for r in records),
               "dropped": len(dropped)}
-    for reason in ("exact duplicate", "near duplicate", "eval", "corrupt"):
+    for reason in ("exact duplicate", "near duplicate", "eval", "corrupt", "too small"):
         counts[f"dropped_{reason.replace(' ', '_')}"] = sum(d["reason"] == reason for d in dropped)
     manifest = {
         "version": CORPUS_VERSION,

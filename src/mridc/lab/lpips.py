@@ -41,15 +41,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mridc.lab.meter import STANDARD_LABELS, STANDARD_PERCEPTUAL
 from mridc.shared.zoo import default_shared_data_dir
 
 WEIGHTS_ENV = "MRIDC_LPIPS_DISTS_WEIGHTS"
 ALEX_FILE = "alexnet_features_torchvision_names+lpips_v0.1_lin.pth"
 VGG_FILE = "vgg16_features_torchvision_names+lpips_v0.1_lin.pth"
 DISTS_FILE = "dists_alpha_beta.pt"
-METRICS = STANDARD_PERCEPTUAL  # ("lpips_alex", "lpips_vgg", "dists")
-LABELS = STANDARD_LABELS
+METRICS = ("lpips_alex", "lpips_vgg", "dists")  # the record keys (meter.STANDARD_PERCEPTUAL)
+LABELS = {"lpips_alex": "LPIPS-Alex v0.1", "lpips_vgg": "LPIPS-VGG v0.1", "dists": "DISTS"}
 # Whether each metric shares a backbone with a VGG LPIPS term that may be a tokenizer training loss.
 SHARES_TRAINING_LOSS_NETWORK = {"lpips_alex": False, "lpips_vgg": True, "dists": True, "perceptual": False}
 

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 
-STANDARD_PERCEPTUAL = ("lpips_alex", "lpips_vgg", "dists")  # lab/lpips.py; None where weights are absent
-STANDARD_LABELS = {"lpips_alex": "LPIPS-Alex v0.1", "lpips_vgg": "LPIPS-VGG v0.1", "dists": "DISTS"}
+STANDARD_PERCEPTUAL = ("lpips_alex", "lpips_vgg", "dists")  # = lpips.METRICS; None where weights are absent
 ALL_METRICS = ("psnr", "ms_ssim", "perceptual", *STANDARD_PERCEPTUAL, "niqe", "roi")
 ROI_KEYS = ("roi_psnr", "roi_psnr_mean", "roi_ms_ssim_mean", "outside_psnr", "roi_fraction")
 
@@ -51,7 +50,9 @@ class Meter:
 
     def standard_labels(self) -> dict[str, str]:
         """Per selected standard distance: its name, or "unavailable (reason)"."""
-        return {m: (f"unavailable ({self.standard_missing[m]})" if m in self.standard_missing else STANDARD_LABELS[m])
+        from .lpips import LABELS
+
+        return {m: (f"unavailable ({self.standard_missing[m]})" if m in self.standard_missing else LABELS[m])
                 for m in STANDARD_PERCEPTUAL if m in self.metrics}
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""A perceptual distance for the RD curves.
+"""A perceptual distance for the RD curves (the standard LPIPS-Alex/VGG and DISTS are in ``lpips.py``).
 
 Standard LPIPS needs AlexNet/VGG ImageNet weights, which this project cannot download. When the ``lpips``
 package and its AlexNet backbone weights are already on the machine, ``PerceptualDistance`` uses them and

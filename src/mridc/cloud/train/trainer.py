@@ -205,6 +205,10 @@ def upgrade_resume_state(ck: dict) -> dict:
     return ck
 
 
+def _scalar(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, task: TrainTask):
         self.cfg = cfg
@@ -264,7 +268,7 @@ class Trainer:
             if time.time() - last_log > cfg.log_seconds or self.step % cfg.log_every == 0:
                 last_log = time.time()
                 self.log.write(step=self.step, elapsed=budget.elapsed(), **logs)
-                bar.set_postfix({k: f"{float(logs[k]):.4g}" for k in task.postfix_keys if k in logs})
+                bar.set_postfix({k: f"{_scalar(logs[k]):.4g}" for k in task.postfix_keys if k in logs})
             if self.step % cfg.eval_every == 0 or budget.done(self.step):
                 self._evaluate()
                 state = {**task.state_dict(), "step": self.step, "best_score": self.best_score,
