@@ -121,6 +121,11 @@ def default_train_sources(shared: Path) -> list[str]:
     corpus = built_corpus()
     if corpus is not None and list_images([corpus / "train"]):
         return [str(corpus / "train")]
+    return shared_train_sources(shared)
+
+
+def shared_train_sources(shared: Path) -> list[str]:
+    """The shared data folder's original training split: what the shipped models and edge bundle were made from."""
     return [str(shared / "photos/train"), str(shared / "photos/train_small"),
             f"{shared / 'camera/vtest.avi'}:0-489"]
 

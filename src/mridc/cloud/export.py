@@ -43,10 +43,11 @@ def export_onnx(encoder: torch.nn.Module, path: Path, example_hw=(512, 768)) -> 
 
 
 def calibration_frames(shared: Path, count: int, size=(512, 768), seed: int = 0) -> list[np.ndarray]:
-    """Crops of training images (never eval images), as float32 NCHW in [-1, 1]."""
-    from mridc.cloud.data import CropSampler, default_train_sources, parse_source
+    """Crops of the shared training split (never eval images), as float32 NCHW in [-1, 1]. Not the built corpus:
+    the bundle must rebuild to the same bytes wherever `mridc-cloud data` has run."""
+    from mridc.cloud.data import CropSampler, parse_source, shared_train_sources
 
-    images = [img for spec in default_train_sources(shared) for img in parse_source(spec)]
+    images = [img for spec in shared_train_sources(shared) for img in parse_source(spec)]
     rng = random.Random(seed)
     picks = rng.sample(images, min(count, len(images)))
     out = []
@@ -86,13 +87,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray]) ->
 
 def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
     """Token histogram over training frames at camera-like resolution -> integer prior."""
-    from mridc.cloud.data import default_train_sources, parse_source
+    from mridc.cloud.data import parse_source, shared_train_sources
     from mridc.shared.entropy import TokenPrior
 
     counts = np.zeros(tokenizer.cfg.codebook_size, np.int64)
     stride = tokenizer.cfg.stride
     with torch.no_grad():
-        for spec in default_train_sources(shared):
+        for spec in shared_train_sources(shared):
             images = parse_source(spec)
             if len(images) > 60:  # video: every 8th frame is plenty
                 images = images[::8]
