@@ -156,7 +156,7 @@ def test_scaled_mode_meets_budget_and_decodes_to_the_frame_size(encoder, decoder
     half = encoder.encode(img, keep_ratio=1.0, scale=0.5)
     assert half.tokens.shape == (8, 12)
     with pytest.raises(ValueError, match="scale"):
-        encoder.encode(img, keep_ratio=1.0, scale=2.0)
+        encoder.encode(img, keep_ratio=1.0, scale=2.5)  # above MAX_RESAMPLE_SCALE (2)
 
 
 def test_decode_frames_is_the_decode_of_bytes(encoder, decoder):

@@ -163,8 +163,8 @@ def test_grid_shape(width, height, stride, scale, grid):
     assert grid_shape(width, height, stride, scale) == grid
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.5, 1.5])
-def test_grid_shape_refuses_scales_outside_0_1(scale):
+@pytest.mark.parametrize("scale", [0.0, -0.5, 2.5])
+def test_grid_shape_refuses_scales_outside_0_to_max(scale):
     with pytest.raises(ValueError, match="scale"):
         grid_shape(768, 512, 16, scale)
 
@@ -175,10 +175,10 @@ def test_scaled_round_trip(width, height, scale):
     rng = np.random.default_rng(width)
     frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     grid = grid_shape(width, height, stride, scale)
-    small = protocol.downscale_for_grid(frame, grid, stride)
+    small = protocol.resize_for_grid(frame, grid, stride)
     assert small.shape == (grid[0] * stride, grid[1] * stride, 3) and small.dtype == np.uint8
     assert protocol.is_scaled(width, height, *grid, stride) == (grid != grid_shape(width, height, stride))
-    back = protocol.upscale_to_frame(small, width, height)
+    back = protocol.resize_to_frame(small, width, height)
     assert back.shape == frame.shape and back.dtype == np.uint8
     assert not protocol.is_scaled(width, height, *grid_shape(width, height, stride), stride)
 
@@ -188,9 +188,9 @@ def test_resizes_are_pillow_box_down_and_lanczos_up():
 
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
-    small = protocol.downscale_for_grid(frame, (3, 5), 16)
+    small = protocol.resize_for_grid(frame, (3, 5), 16)
     assert np.array_equal(small, np.asarray(Image.fromarray(frame).resize((80, 48), Image.BOX)))
-    assert np.array_equal(protocol.upscale_to_frame(small, 130, 90),
+    assert np.array_equal(protocol.resize_to_frame(small, 130, 90),
                           np.asarray(Image.fromarray(small).resize((130, 90), Image.LANCZOS)))
 
 

@@ -209,15 +209,16 @@ class Refiner(Protocol):
 
 # -- frame geometry ----------------------------------------------------------------------------------------
 def is_scaled(frame: TokenFrame, stride: int) -> bool:
-    """A grid smaller than the frame needs means the camera encoded a downscaled frame (docs/bitstream.md)."""
-    return protocol.is_scaled(frame.width, frame.height, frame.grid_h, frame.grid_w, stride)
+    """The grid covers a resized frame: a smaller grid than the frame needs (implicit v1 rule), or a stream that
+    says so (FLAG_RESAMPLED: a finer grid). docs/bitstream.md."""
+    return protocol.is_scaled(frame.width, frame.height, frame.grid_h, frame.grid_w, stride, frame.resampled)
 
 
 def to_frame_size(pixels: np.ndarray, frame: TokenFrame, stride: int) -> np.ndarray:
     """Decoded grid-sized pixels -> the camera frame's size: crop the padding, or upsample a scaled frame."""
     if not is_scaled(frame, stride):
         return np.ascontiguousarray(pixels[: frame.height, : frame.width])
-    return protocol.upscale_to_frame(pixels, frame.width, frame.height)
+    return protocol.resize_to_frame(pixels, frame.width, frame.height)
 
 
 # -- the decoder -------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from mridc.edge.rate import MAX_SCALE, MIN_SCALE
 from mridc.shared.cli_util import EXIT_OK, HelpFormatter, InvalidInput, run_command
 
 PROG = "mridc-edge"
@@ -37,8 +38,10 @@ def _add_encode(sub) -> None:
                       help="byte budget in bits per pixel of the input; the stream (header, "
                            "mask, tokens) is at most this and as close as token granularity allows")
     rate.add_argument("--keep-ratio", type=float, help="keep this fraction of tokens instead of a budget (0..1)")
-    p.add_argument("--scale", default="auto", help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' "
-                                                "(with --bpp: lower resolution rather than masking most tokens)")
+    p.add_argument("--scale", default="auto",
+                   help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' (with --bpp: lower resolution "
+                        "rather than masking most tokens); above 1 (up to 2) a finer grid than full resolution, "
+                        "for budgets that full resolution cannot spend, at scale^2 the encoder time")
     p.add_argument("--backend", default="onnx", choices=RUNNERS.names(),
                    help="encoder runtime: onnx = ONNX Runtime int8 "
                         "(torch: the cloud's reference, with the cloud extra)")
@@ -63,9 +66,9 @@ def _parse_scale(text: str) -> float:
     try:
         value = float(text)
     except ValueError as exc:
-        raise InvalidInput(f"--scale {text!r}: expected a number within 0.05..1 or 'auto'") from exc
-    if not 0.05 <= value <= 1.0:
-        raise InvalidInput(f"--scale must be within 0.05..1 or 'auto', got {text}")
+        raise InvalidInput(f"--scale {text!r}: expected a number within {MIN_SCALE}..{MAX_SCALE} or 'auto'") from exc
+    if not MIN_SCALE <= value <= MAX_SCALE:
+        raise InvalidInput(f"--scale must be within {MIN_SCALE}..{MAX_SCALE} or 'auto', got {text}")
     return value
 
 

@@ -102,7 +102,7 @@ class EdgeEncoder:
         manifest, codebook, prior = load_bundle(models_dir)
         runner = runners.create(backend, RunnerConfig(models_dir, threads, manifest.code_dim))
         masking = masking or mlm.MaskingConfig()
-        rate = RateControl(prior, model_id=manifest.model_id,
+        rate = RateControl(prior, model_id=manifest.model_id, stride=manifest.stride,
                            codebook_bits=int(np.log2(manifest.codebook_size)), search=masking,
                            config=RateConfig.for_manifest(manifest))
         return cls(runner, VectorQuantizer(codebook),
@@ -131,7 +131,7 @@ class EdgeEncoder:
             grid = full
             padded = mlm.pad_to_grid(image_rgb, grid, self.stride)
         else:
-            padded = protocol.downscale_for_grid(image_rgb, grid, self.stride)
+            padded = protocol.resize_for_grid(image_rgb, grid, self.stride)
         x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
         codes = self.runner(np.ascontiguousarray(x))[0]
         tokens, qerr = self.quantizer.nearest(codes)

@@ -7,6 +7,7 @@ codes that mask with the adaptive coder too and keeps the smaller stream.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,9 @@ GridShape = tuple[int, int]
 MAX_BPP = 64  # largest accepted budget; far above any useful rate (the raw indices are ~0.04 bpp)
 RATE_Q_PER_BPP = 10000  # the header's informational rate_q is the target bpp in units of 1e-4 (docs/bitstream.md)
 RATE_Q_MAX = 65535  # the encoder's cap on rate_q (6.5535 bpp), which keeps its varint within 3 bytes
-MIN_SCALE, MAX_SCALE = 0.05, 1.0  # accepted resolution scale factors (below 0.05 a frame is a few tokens)
+# Accepted resolution scale factors: below 0.05 a frame is a few tokens; above 1 the grid is finer than the
+# frame's full-resolution one (FLAG_RESAMPLED), at scale**2 times the encoder's full-resolution cost.
+MIN_SCALE, MAX_SCALE = 0.05, protocol.MAX_RESAMPLE_SCALE
 # Share of tokens the auto scale plans to keep. 0.95 beat 0.8 and 0.9 in ad-hoc sweeps on 7-9 eval images
 # (not in the repo); the committed evidence is docs/results/rd/compare.md (auto vs full-grid masking).
 AUTO_MIN_KEEP = 0.95
@@ -35,6 +38,9 @@ MASK_BITS_PER_TOKEN = 1.0  # the auto refinement's allowance for the keep mask, 
 @dataclass(frozen=True)
 class RateConfig:
     auto_min_keep: float = AUTO_MIN_KEEP
+    # The finest grid "auto" may choose. 1.0 keeps a 768x512 frame within the edge's 40 ms encoder budget;
+    # above 1, a budget that full resolution cannot spend buys a finer grid (docs/results/rd_std: 1.25 and 1.5).
+    max_auto_scale: float = 1.0
     token_entropy_bits: float = DEFAULT_TOKEN_ENTROPY_BITS  # the prior's entropy, bits per token
 
     @classmethod
@@ -48,8 +54,10 @@ class RateControl:
     """Budgets and streams for one bundle (its prior, model id and codebook size)."""
 
     def __init__(self, prior: TokenPrior, *, model_id: int, codebook_bits: int,
-                 search: mlm.SearchSettings | None = None, config: RateConfig | None = None):
+                 search: mlm.SearchSettings | None = None, config: RateConfig | None = None,
+                 stride: int | None = None):
         self.prior = prior
+        self.stride = stride  # to tell a grid finer than full resolution (FLAG_RESAMPLED); None: never
         self.model_id = int(model_id)
         self.codebook_bits = int(codebook_bits)
         self.search = search or mlm.MaskingConfig()  # the rate search's first estimate and its bound
@@ -66,7 +74,14 @@ class RateControl:
         h, w = frame_shape
         return TokenFrame(width=w, height=h, grid_h=tokens.shape[0], grid_w=tokens.shape[1], model_id=self.model_id,
                           codebook_bits=self.codebook_bits, keep_mask=keep, kept_tokens=tokens[keep].astype(np.uint16),
-                          rate_q=rate_q)
+                          rate_q=rate_q, resampled=self.is_finer(frame_shape, tokens.shape))
+
+    def is_finer(self, frame_shape: tuple[int, int], grid: GridShape) -> bool:
+        """A grid finer than the frame's full-resolution one: the stream must say so (FLAG_RESAMPLED)."""
+        if self.stride is None:
+            return False
+        full_h, full_w = protocol.grid_shape(frame_shape[1], frame_shape[0], self.stride)
+        return grid[0] > full_h or grid[1] > full_w
 
     def pack(self, frame_shape: tuple[int, int], tokens: np.ndarray, keep: np.ndarray, rate_q: int = 0,
              token_coder: TokenCoder = "auto") -> bytes:
@@ -93,7 +108,17 @@ class RateControl:
             token_bits=self.token_bits(tokens), start_keep=start_keep)
         # The adaptive coder may beat the static one on this frame; never larger than what fitted.
         adaptive = self.pack(frame_shape, tokens, keep, rate_q, token_coder="adaptive")
-        return keep, (adaptive if len(adaptive) < len(stream) else stream), info
+        stream = adaptive if len(adaptive) < len(stream) else stream
+        if info.n_keep < keep.size:
+            # Keeping every token drops the mask section, and neighbour matches make smooth (e.g. finer-grid)
+            # frames cheap, so all tokens can fit where the search, which assumes sizes grow with the count,
+            # stopped short of them (Kodak I03 at scale 1.3: 79 % kept in 983 bytes, all kept in 904).
+            everything = np.ones_like(keep)
+            full = self.pack(frame_shape, tokens, everything, rate_q, token_coder="adaptive")
+            if len(full) <= target_bytes:
+                return everything, full, dataclasses.replace(info, n_keep=keep.size, stream_bytes=len(full),
+                                                             next_bytes=None, pack_calls=info.pack_calls + 2)
+        return keep, stream, info
 
     # -- resolution scale ------------------------------------------------------------------------------
     def scaled_grid(self, height: int, width: int, bpp: float | None, scale: float | str | None, stride: int
@@ -110,7 +135,7 @@ class RateControl:
             return self.auto_grid(height, width, bpp, PRIOR_CODED_RATIO * self.config.token_entropy_bits, stride)
         s = float(scale)
         if not MIN_SCALE <= s <= MAX_SCALE:
-            raise ValueError(f"scale must be within 0.05..1 or 'auto', got {scale}")
+            raise ValueError(f"scale must be within {MIN_SCALE}..{MAX_SCALE} or 'auto', got {scale}")
         return protocol.grid_shape(width, height, stride, s)
 
     def refined_auto_grid(self, height: int, width: int, bpp: float, tokens: np.ndarray, stride: int
@@ -130,7 +155,13 @@ class RateControl:
         fit = budget_bits / (bits_per_token * self.config.auto_min_keep)
         full_h, full_w = protocol.grid_shape(width, height, stride)
         if fit >= full_h * full_w:
-            return None
+            finest = self.config.max_auto_scale
+            if finest <= 1.0:
+                return None
+            # A budget beyond full resolution: a finer grid, up to `max_auto_scale` of the frame's size.
+            factor = min(math.sqrt(fit / (full_h * full_w)), finest)
+            grid = (math.floor(height * factor / stride), math.floor(width * factor / stride))
+            return grid if grid[0] > full_h or grid[1] > full_w else None
         factor = math.sqrt(max(fit, 1.0) / (full_h * full_w))
         return max(1, math.floor(full_h * factor)), max(1, math.floor(full_w * factor))
 

@@ -40,7 +40,11 @@ FLAG_NONE_KEPT = 0x02  # no token is sent: no mask and no token section
 FLAG_FRAME_FLAGS = 0x04  # a frame_flags varint follows rate_q (TokenFrame.flags != 0)
 FLAG_SLICED = 0x08  # reserved: independently decodable slices (not in v1)
 FLAG_INTER = 0x10  # reserved: inter frame coded against a reference frame (not in v1)
-_FLAGS_V1 = FLAG_ALL_KEPT | FLAG_NONE_KEPT | FLAG_FRAME_FLAGS
+# The grid covers the frame resampled to exactly grid*stride pixels in either direction (a grid finer than the
+# frame's full-resolution one buys quality with a budget that full resolution cannot spend). Decoders that
+# predate it refuse the stream (unknown flag) rather than crop it, which the implicit v1 rule would do.
+FLAG_RESAMPLED = 0x20
+_FLAGS_V1 = FLAG_ALL_KEPT | FLAG_NONE_KEPT | FLAG_FRAME_FLAGS | FLAG_RESAMPLED
 _RESERVED_FEATURES = {FLAG_SLICED: "sliced frames", FLAG_INTER: "inter frames"}
 
 # Section types. Bit 7 set = ancillary: a decoder that does not know it skips it.
@@ -89,15 +93,16 @@ class TokenFrame:
     kept_tokens: np.ndarray  # uint16 (keep_mask.sum(),), raster order of kept positions
     rate_q: int = 0  # rate parameter the encoder used (informational)
     flags: int = 0  # application flags, carried opaquely
+    resampled: bool = False  # FLAG_RESAMPLED: the grid covers the frame resampled to grid*stride pixels
 
     def __eq__(self, other: object) -> bool:  # arrays compare by value
         if not isinstance(other, TokenFrame):
             return NotImplemented
         return (
             (self.width, self.height, self.grid_h, self.grid_w, self.model_id, self.codebook_bits,
-             self.rate_q, self.flags)
+             self.rate_q, self.flags, self.resampled)
             == (other.width, other.height, other.grid_h, other.grid_w, other.model_id,
-                other.codebook_bits, other.rate_q, other.flags)
+                other.codebook_bits, other.rate_q, other.flags, other.resampled)
             and np.array_equal(np.asarray(self.keep_mask, bool), np.asarray(other.keep_mask, bool))
             and np.array_equal(np.asarray(self.kept_tokens).astype(np.int64),
                                np.asarray(other.kept_tokens).astype(np.int64))
@@ -197,6 +202,8 @@ def _write_header(frame: TokenFrame, kept: int) -> bytes:
         flags |= FLAG_NONE_KEPT
     if frame.flags:
         flags |= FLAG_FRAME_FLAGS
+    if frame.resampled:
+        flags |= FLAG_RESAMPLED
     out = bytearray(MAGIC)
     out += bytes((FORMAT_VERSION, flags))
     for value in (frame.width, frame.height, frame.grid_h, frame.grid_w):
@@ -317,6 +324,7 @@ def inspect(data: bytes) -> dict:
         "flags": header.flags,
         "all_kept": bool(header.flags & FLAG_ALL_KEPT),
         "none_kept": bool(header.flags & FLAG_NONE_KEPT),
+        "resampled": bool(header.flags & FLAG_RESAMPLED),
         "width": header.width,
         "height": header.height,
         "grid_h": header.grid_h,
@@ -389,6 +397,7 @@ def decompress(data: bytes, prior: TokenPrior, *, model_id: int | None = None) -
         width=header.width, height=header.height, grid_h=header.grid_h, grid_w=header.grid_w,
         model_id=header.model_id, codebook_bits=header.codebook_bits, keep_mask=mask,
         kept_tokens=tokens, rate_q=header.rate_q, flags=header.frame_flags,
+        resampled=bool(header.flags & FLAG_RESAMPLED),
     )
 
 

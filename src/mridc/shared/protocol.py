@@ -175,34 +175,46 @@ def build_ack(device_id: str, sequence: int, status: int, reason: str = "") -> m
 # resizes the decode back to the frame size (Pillow LANCZOS). The MRD header carries the frame size and the
 # grid, so the cloud tells the two apart without being told (docs/bitstream.md).
 
+MAX_RESAMPLE_SCALE = 2.0  # a finer grid than this costs the encoder over 4x its full-resolution time
+
+
 def grid_shape(width: int, height: int, stride: int, scale: float | None = None) -> tuple[int, int]:
     """(grid_h, grid_w) for a width x height frame: full resolution (ceil) when ``scale`` is None or 1,
-    else the frame scaled by ``scale`` (0 < scale < 1), rounded to whole tokens, at least one per side."""
+    else the frame scaled by ``scale`` (0 < scale <= MAX_RESAMPLE_SCALE), rounded to whole tokens, at least one
+    per side. A scale above 1 gives a grid finer than the full-resolution one (a resampled stream)."""
     if scale is None or scale == 1:
         return -(-height // stride), -(-width // stride)
-    if not 0 < scale < 1:
-        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if not 0 < scale <= MAX_RESAMPLE_SCALE:
+        raise ValueError(f"scale must be in (0, {MAX_RESAMPLE_SCALE}], got {scale}")
     return max(1, round(height * scale / stride)), max(1, round(width * scale / stride))
 
 
-def is_scaled(width: int, height: int, grid_h: int, grid_w: int, stride: int) -> bool:
-    """A grid smaller than the frame needs at full resolution means the camera encoded a downscaled frame."""
+def is_scaled(width: int, height: int, grid_h: int, grid_w: int, stride: int, resampled: bool = False) -> bool:
+    """Whether the grid covers a resized frame: the stream says so (FLAG_RESAMPLED), or, by the implicit v1
+    rule, its grid is smaller than the frame needs at full resolution (a downscaled frame)."""
+    if resampled:
+        return True
     full_h, full_w = grid_shape(width, height, stride)
     return grid_h < full_h or grid_w < full_w
 
 
-def downscale_for_grid(image: np.ndarray, grid: tuple[int, int], stride: int) -> np.ndarray:
-    """Edge direction: an HxWx3 uint8 frame -> exactly (grid_h * stride) x (grid_w * stride) pixels."""
+def resize_for_grid(image: np.ndarray, grid: tuple[int, int], stride: int) -> np.ndarray:
+    """Edge direction: an HxWx3 uint8 frame -> exactly (grid_h * stride) x (grid_w * stride) pixels, smaller
+    (scaled mode) or larger (a finer grid than full resolution)."""
     from PIL import Image
 
-    # Pillow's box filter works in fixed point, so ARM and x86 get the same pixels (OpenCV's INTER_AREA
-    # differed by one level on 0.07 % of pixels under the arm64 test).
+    # Pillow resamples 8-bit images in fixed point, so ARM and x86 get the same pixels (OpenCV's INTER_AREA
+    # differed by one level on 0.07 % of pixels under the arm64 test). Box when shrinking; bicubic (a
+    # polynomial kernel, no libm call in its weights) when a finer grid enlarges the frame.
     size = (grid[1] * stride, grid[0] * stride)
-    return np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+    h, w = image.shape[:2]
+    enlarging = size[0] > w or size[1] > h
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC if enlarging else Image.BOX))
 
 
-def upscale_to_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Cloud direction: a decoded grid-sized HxWx3 uint8 image -> the camera frame's width x height."""
+def resize_to_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Cloud direction: a decoded grid-sized HxWx3 uint8 image -> the camera frame's width x height (Lanczos,
+    up for a downscaled frame, down for a finer grid)."""
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
