@@ -96,3 +96,19 @@ def test_auto_may_choose_a_finer_grid_only_when_allowed(encoder):
     grid = finer.auto_grid(384, 512, 0.2, 5.0, 16)
     assert grid == (36, 48)
     assert finer.auto_grid(384, 512, 0.01, 5.0, 16) < (24, 32)
+
+
+def test_auto_with_a_finest_scale_spends_a_large_budget(encoder):
+    from mridc.edge.rate import auto_max_scale
+
+    assert auto_max_scale("auto", 1.0) == 1.0 and auto_max_scale("auto:1.5", 1.0) == 1.5
+    assert auto_max_scale(0.7, 1.0) is None
+    for bad in ("auto:3", "auto:x", "autox"):
+        with pytest.raises(ValueError):
+            auto_max_scale(bad, 1.0)
+    image = smooth_frame()
+    plain = encoder.encode(image, bpp=0.3, scale="auto")
+    finer = encoder.encode(image, bpp=0.3, scale="auto:1.5")
+    assert plain.token_frame.grid_w == 16 and not plain.token_frame.resampled
+    assert finer.token_frame.grid_w > 16 and finer.token_frame.resampled
+    assert len(plain.bitstream) < len(finer.bitstream) <= finer.target_bytes

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realism", default="0,0.5,1", help="MRIDC realism settings, comma-separated")
     p.add_argument("--mridc-scale", default="1,auto",
                    help="MRIDC resolution scales, comma-separated: 1 (full-resolution grid, masking only), "
-                        "a factor, auto")
+                        "a factor (above 1: a finer grid), auto, auto:MAX (auto up to a finer grid of MAX)")
     p.add_argument("--models-dir", default=None, help="MRIDC models folder (default: shipped / $MRIDC_MODELS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perceptual-weights", default=None, help="MobileNetV2 weights file for the perceptual distance")
@@ -123,7 +123,7 @@ def build_codecs(names: list[str], args) -> tuple[list, dict[str, str]]:
     out, skipped = [], {}
     for name in names:
         if name == "mridc":
-            scales = tuple(None if v in ("1", "1.0") else (v if v == "auto" else float(v))
+            scales = tuple(None if v in ("1", "1.0") else (v if v.startswith("auto") else float(v))
                            for v in getattr(args, "mridc_scale", "1").split(",") if v)
             found, reason = mridc_codecs([float(r) for r in args.realism.split(",") if r], args.models_dir, args.seed,
                                          scales)

@@ -41,7 +41,8 @@ def _add_encode(sub) -> None:
     p.add_argument("--scale", default="auto",
                    help="resolution scale: 1 = full, a factor such as 0.7, or 'auto' (with --bpp: lower resolution "
                         "rather than masking most tokens); above 1 (up to 2) a finer grid than full resolution, "
-                        "for budgets that full resolution cannot spend, at scale^2 the encoder time")
+                        "for budgets that full resolution cannot spend, at scale^2 the encoder time; "
+                        "'auto:1.5' = auto, allowed to choose such a finer grid up to 1.5")
     p.add_argument("--backend", default="onnx", choices=RUNNERS.names(),
                    help="encoder runtime: onnx = ONNX Runtime int8 "
                         "(torch: the cloud's reference, with the cloud extra)")
@@ -85,7 +86,7 @@ def cmd_encode(args) -> int:
                                           use_faces=args.faces)
     except EncoderError as exc:
         raise InvalidInput(str(exc)) from exc
-    scale = args.scale if args.scale == "auto" else _parse_scale(args.scale)
+    scale = args.scale if args.scale.startswith("auto") else _parse_scale(args.scale)
     result = encoder.encode(image, bpp=args.bpp, keep_ratio=args.keep_ratio, rois=[_parse_roi(r) for r in args.roi],
                             scale=scale)
     out = Path(args.output)

@@ -26,7 +26,7 @@ from mridc.edge import mlm
 from mridc.edge.keyregions import roi_from_config, scale_roi
 from mridc.edge.masking import KeyRegionConfig, MapGuidedSelection, MapPriority, SelectionPolicy
 from mridc.edge.quantizer import VectorQuantizer, nearest_codewords
-from mridc.edge.rate import MAX_BPP, RateConfig, RateControl
+from mridc.edge.rate import MAX_BPP, RateConfig, RateControl, auto_max_scale
 from mridc.edge.runners import RUNNERS, EncoderError, EncoderRunner, RunnerConfig, RunnerRegistry
 from mridc.shared import protocol
 from mridc.shared.bitstream import TokenFrame
@@ -159,8 +159,9 @@ class EdgeEncoder:
         scale = self.default_scale if scale == "default" else scale
         grid_request = self.rate.scaled_grid(h, w, bpp, scale, self.stride)
         padded, tokens, qerr = self.tokenize(image_rgb, grid_request)
-        if scale == "auto" and bpp is not None:
-            refined = self.rate.refined_auto_grid(h, w, bpp, tokens, self.stride)
+        finest = auto_max_scale(scale, self.rate.config.max_auto_scale)
+        if finest is not None and bpp is not None:
+            refined = self.rate.refined_auto_grid(h, w, bpp, tokens, self.stride, finest)
             if refined != grid_request:
                 grid_request = refined
                 padded, tokens, qerr = self.tokenize(image_rgb, grid_request)

@@ -130,24 +130,26 @@ class RateControl:
         resolution costs less than dropping most tokens (docs/results/rd)."""
         if scale is None or scale == 1 or scale == 1.0:
             return None
-        if scale == "auto":
+        finest = auto_max_scale(scale, self.config.max_auto_scale)
+        if finest is not None:
             # First guess from the prior's entropy; `refined_auto_grid` corrects it with the frame's own tokens.
-            return self.auto_grid(height, width, bpp, PRIOR_CODED_RATIO * self.config.token_entropy_bits, stride)
+            return self.auto_grid(height, width, bpp, PRIOR_CODED_RATIO * self.config.token_entropy_bits, stride,
+                                  finest)
         s = float(scale)
         if not MIN_SCALE <= s <= MAX_SCALE:
             raise ValueError(f"scale must be within {MIN_SCALE}..{MAX_SCALE} or 'auto', got {scale}")
         return protocol.grid_shape(width, height, stride, s)
 
-    def refined_auto_grid(self, height: int, width: int, bpp: float, tokens: np.ndarray, stride: int
-                          ) -> GridShape | None:
+    def refined_auto_grid(self, height: int, width: int, bpp: float, tokens: np.ndarray, stride: int,
+                          finest: float | None = None) -> GridShape | None:
         """The auto grid again with this frame's own mean code length (+ the mask's allowance): one extra
         encoder run on a smaller grid, +0.14 dB at 0.02 bpp, +0.22 dB at 0.03 over the one-pass estimate
         (docs/results/rd: rd.json's auto rows vs rd_auto.json)."""
         bits = float(self.token_bits(tokens).mean()) + MASK_BITS_PER_TOKEN
-        return self.auto_grid(height, width, bpp, bits, stride)
+        return self.auto_grid(height, width, bpp, bits, stride, finest)
 
-    def auto_grid(self, height: int, width: int, bpp: float | None, bits_per_token: float, stride: int
-                  ) -> GridShape | None:
+    def auto_grid(self, height: int, width: int, bpp: float | None, bits_per_token: float, stride: int,
+                  finest: float | None = None) -> GridShape | None:
         """Largest grid (same aspect) whose tokens, at `bits_per_token`, fill the budget at `auto_min_keep`."""
         if bpp is None:
             return None
@@ -155,7 +157,7 @@ class RateControl:
         fit = budget_bits / (bits_per_token * self.config.auto_min_keep)
         full_h, full_w = protocol.grid_shape(width, height, stride)
         if fit >= full_h * full_w:
-            finest = self.config.max_auto_scale
+            finest = self.config.max_auto_scale if finest is None else finest
             if finest <= 1.0:
                 return None
             # A budget beyond full resolution: a finer grid, up to `max_auto_scale` of the frame's size.
@@ -166,4 +168,21 @@ class RateControl:
         return max(1, math.floor(full_h * factor)), max(1, math.floor(full_w * factor))
 
 
-__all__ = ["AUTO_MIN_KEEP", "MAX_BPP", "RateConfig", "RateControl"]
+def auto_max_scale(scale, default: float) -> float | None:
+    """For an automatic scale ("auto", or "auto:MAX" = auto up to a finer grid of MAX), the finest scale it
+    may choose; None for any other scale."""
+    if not isinstance(scale, str) or not scale.startswith("auto"):
+        return None
+    if scale == "auto":
+        return default
+    head, _, value = scale.partition(":")
+    try:
+        finest = float(value)
+    except ValueError:
+        finest = -1.0
+    if head != "auto" or not 1.0 <= finest <= MAX_SCALE:
+        raise ValueError(f"scale {scale!r}: expected 'auto' or 'auto:MAX' with MAX in 1..{MAX_SCALE}")
+    return finest
+
+
+__all__ = ["AUTO_MIN_KEEP", "MAX_BPP", "RateConfig", "RateControl", "auto_max_scale"]
