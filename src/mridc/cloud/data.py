@@ -30,21 +30,10 @@ def list_images(paths: list[str | Path]) -> list[Path]:
 
 
 def read_video_frames(path: Path, first: int, last: int, every: int = 1) -> list[np.ndarray]:
-    import cv2
+    """Frames first..last (every `every`-th) of a video, RGB uint8."""
+    from mridc.cloud.corpus import read_video
 
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise FileNotFoundError(f"cannot open video {path}")
-    frames, index = [], 0
-    while index <= last:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if index >= first and (index - first) % every == 0:
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        index += 1
-    cap.release()
-    return frames
+    return [frame for _, frame in read_video(path, first, last, every)]
 
 
 def parse_source(spec: str) -> list[np.ndarray]:
