@@ -66,7 +66,7 @@ def reference_tokens(frames) -> dict[str, np.ndarray]:
 def decoder():
     from mridc.cloud.pipeline import MRIDCDecoder
 
-    return MRIDCDecoder.from_pretrained(MODELS)
+    return MRIDCDecoder.from_models(MODELS)
 
 
 @pytest.mark.parametrize("backend", list(THRESHOLDS))

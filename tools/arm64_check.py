@@ -225,7 +225,7 @@ def _decode_one(streams: Path, arm: dict) -> dict | None:
         else next(iter(arm["frames"]))
     entry = arm["frames"][name]
     t0 = time.perf_counter()
-    image = MRIDCDecoder.from_pretrained().decode((streams / f"{name}.bpp.mrd").read_bytes(), realism=0)
+    image = MRIDCDecoder.from_models().decode((streams / f"{name}.bpp.mrd").read_bytes(), realism=0)
     result = {"frame": name, "shape": list(image.shape), "seconds": round(time.perf_counter() - t0, 2)}
     if tuple(image.shape) != (entry["height"], entry["width"], 3):
         result["error"] = f"cloud decode of {name} gave {image.shape}, expected {entry['height']}x{entry['width']}"

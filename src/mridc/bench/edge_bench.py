@@ -295,7 +295,7 @@ def tokenizer_quality(eval_items, args) -> dict:
 
     torch.set_num_threads(max(1, args.decode_threads))
     encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", threads=args.threads)
-    decoder = MRIDCDecoder.from_pretrained(models_dir=args.models_dir, device="cpu")
+    decoder = MRIDCDecoder.from_models(models_dir=args.models_dir, device="cpu")
     perceptual = PerceptualDistance(weights=args.perceptual_weights)
     names = [c for c in args.quality_codecs.split(",") if c]
     codec_list, skipped = [], {}

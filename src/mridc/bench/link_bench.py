@@ -301,7 +301,7 @@ def run(args) -> int:
     frame = cover_crop(item.image, *parse_size(args.size))
     h, w = frame.shape[:2]
     encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", threads=args.threads)
-    decoder = MRIDCDecoder.from_pretrained(models_dir=args.models_dir, device="cpu")
+    decoder = MRIDCDecoder.from_models(models_dir=args.models_dir, device="cpu")
     perceptual = PerceptualDistance(weights=args.perceptual_weights)
 
     def mridc_encode(img):

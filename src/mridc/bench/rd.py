@@ -111,7 +111,7 @@ def mridc_codecs(realisms: list[float], models_dir: str | None, seed: int,
         return [], f"mridc skipped: encoder/decoder modules not importable yet ({exc})"
     try:
         encoder = EdgeEncoder.from_bundle(models_dir=models_dir)
-        decoder = MRIDCDecoder.from_pretrained(models_dir=models_dir, device="cpu")
+        decoder = MRIDCDecoder.from_models(models_dir=models_dir, device="cpu")
     except Exception as exc:  # noqa: BLE001  (missing or incompatible models: any cause means skip, said aloud)
         return [], f"mridc skipped: models not loadable ({type(exc).__name__}: {exc})"
     return [MRIDCCodec(encoder, decoder, r, seed, scale) for scale in scales for r in realisms], None

@@ -334,7 +334,7 @@ def run_service_bench(out_dir, devices: int = 200, *, interval_s: float = 3.0, d
             try:
                 from mridc.cloud.pipeline import MRIDCDecoder
 
-                MRIDCDecoder.from_pretrained(models_dir=models_dir, device=device)
+                MRIDCDecoder.from_models(models_dir=models_dir, device=device)
                 real = real or real_streams(models_dir=models_dir)
             except Exception as exc:  # noqa: BLE001 - recorded in the report, the other modes still run
                 result["skipped"][mode_name] = f"{type(exc).__name__}: {exc}"

@@ -222,8 +222,9 @@ def to_frame_size(pixels: np.ndarray, frame: TokenFrame, stride: int) -> np.ndar
 
 
 # -- the decoder -------------------------------------------------------------------------------------------
-# A 3837x2560 (9.8 MP) frame peaked at 7.2 GB RSS at realism 0 on the CPU (windowed predictor): ~0.73 KB a pixel,
-# so 16 MP stays near 12 GB. The format allows 16384x16384; a frame over the limit is refused, not attempted.
+# A 3837x2560 (9.8 MP) frame peaked at 7.2 GB RSS at realism 0 on the CPU with the windowed predictor
+# (docs/results/large_frames): ~0.73 KB a pixel, so 16 MP stays near 12 GB. The format allows 16384x16384;
+# a frame over the limit is refused, not attempted.
 DEFAULT_MAX_FRAME_PIXELS = 16 * 1024 * 1024
 
 
@@ -276,7 +277,6 @@ class MRIDCDecoder:
         prior = TokenPrior.load(prior_path)
         return cls(tokenizer, make_fills(tokenizer, predictor, prior), refiner, prior, device)
 
-    from_pretrained = from_models  # the name the service, benches and tools have used
 
     @property
     def predictor(self):

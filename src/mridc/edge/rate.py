@@ -39,7 +39,7 @@ MASK_BITS_PER_TOKEN = 1.0  # the auto refinement's allowance for the keep mask, 
 class RateConfig:
     auto_min_keep: float = AUTO_MIN_KEEP
     # The finest grid "auto" may choose. 1.0 keeps a 768x512 frame within the edge's 40 ms encoder budget;
-    # above 1, a budget that full resolution cannot spend buys a finer grid (docs/results/rd_std: 1.25 and 1.5).
+    # above 1, a budget that full resolution cannot spend buys a finer grid (docs/results/rd_finer).
     max_auto_scale: float = 1.0
     token_entropy_bits: float = DEFAULT_TOKEN_ENTROPY_BITS  # the prior's entropy, bits per token
 
@@ -112,7 +112,7 @@ class RateControl:
         if info.n_keep < keep.size:
             # Keeping every token drops the mask section, and neighbour matches make smooth (e.g. finer-grid)
             # frames cheap, so all tokens can fit where the search, which assumes sizes grow with the count,
-            # stopped short of them (Kodak I03 at scale 1.3: 79 % kept in 983 bytes, all kept in 904).
+            # stopped short of them (tests/test_finer_grid.py: a smooth frame stopped at a third of its tokens).
             everything = np.ones_like(keep)
             full = self.pack(frame_shape, tokens, everything, rate_q, token_coder="adaptive")
             if len(full) <= target_bytes:

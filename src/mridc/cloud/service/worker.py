@@ -46,11 +46,11 @@ class FrameDecoder(Protocol):
 
 
 def load_decoder(spec: str, models_dir=None, device: str = "cpu") -> FrameDecoder:
-    """"mridc" -> MRIDCDecoder.from_pretrained; "package.module:factory" -> factory(models_dir=, device=)."""
+    """"mridc" -> MRIDCDecoder.from_models; "package.module:factory" -> factory(models_dir=, device=)."""
     if spec == "mridc":
         from mridc.cloud.pipeline import MRIDCDecoder
 
-        return MRIDCDecoder.from_pretrained(models_dir=models_dir, device=device)
+        return MRIDCDecoder.from_models(models_dir=models_dir, device=device)
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"decoder must be 'mridc' or 'module:factory', got {spec!r}")

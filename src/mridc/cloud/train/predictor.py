@@ -19,7 +19,7 @@ from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, 
 from mridc.cloud.train.common import add_common_arguments, init_from_shipped, trainer_main
 from mridc.cloud.train.masks import MASK_SOURCES, keep_masks, tokens_and_quant_error
 from mridc.cloud.train.trainer import DataStreams, StepContext, Trainer, TrainerConfig, TrainTask
-from mridc.cloud.zoo import load_model, save_model
+from mridc.cloud.zoo import load_model
 from mridc.shared.zoo import default_shared_data_dir
 
 
@@ -110,15 +110,6 @@ class PredictorTask(TrainTask):
     def best_meta(self, step: int, metrics: dict) -> dict:
         return {"step": step, "val": metrics, "tokenizer": str(self.cfg.tokenizer), "masks": self.cfg.mask_source}
 
-    def save_best(self, path: Path, model: torch.nn.Module, meta: dict) -> None:
-        save_model(path, "predictor", model, meta, half=False)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
 
 
 def train_predictor(args: argparse.Namespace) -> Path:

@@ -23,7 +23,7 @@ from mridc.cloud.discriminator import PatchDiscriminator, hinge_d_loss, r1_penal
 from mridc.cloud.tokenizer import TokenizerConfig, VQTokenizer, tiny_tokenizer_config
 from mridc.cloud.train.losses import adaptive_gan_weight, feature_matching_loss, ms_ssim_loss, selection_score
 from mridc.cloud.train.trainer import DataStreams, StepContext, Trainer, TrainerConfig, TrainTask
-from mridc.cloud.zoo import load_checkpoint, load_model, save_checkpoint, save_model
+from mridc.cloud.zoo import load_checkpoint, load_model, save_checkpoint
 from mridc.shared.zoo import default_shared_data_dir
 
 
@@ -197,9 +197,6 @@ class TokenizerTask(TrainTask):
         if self.cfg.init:
             meta["init"] = str(self.cfg.init)
         return meta
-
-    def save_best(self, path: Path, model: torch.nn.Module, meta: dict) -> None:
-        save_model(path, "tokenizer", model, meta, half=False)
 
     def evaluate_initial(self) -> bool:
         return bool(self.cfg.init)  # GAN fine-tuning must beat the starting weights to be kept

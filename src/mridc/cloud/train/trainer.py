@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from mridc.cloud.train.common import Budget, JsonlLog, pick_device, rng_state, seed_everything, set_rng_state
-from mridc.cloud.zoo import atomic_save
+from mridc.cloud.zoo import atomic_save, save_model
 
 RESUME_FORMAT = 2
 
@@ -144,6 +144,7 @@ class TrainTask:
 
     name: str = "task"
     model: torch.nn.Module
+    opt: torch.optim.Optimizer  # the one optimizer of a single-model task (the default resume state below)
     postfix_keys: tuple[str, ...] = ("loss",)
 
     def build(self, device: torch.device, resuming: bool) -> None:
@@ -166,17 +167,18 @@ class TrainTask:
         raise NotImplementedError
 
     def save_best(self, path: Path, model: torch.nn.Module, meta: dict) -> None:
-        raise NotImplementedError
+        save_model(path, self.name, model, meta, half=False)  # fp32: best.pt is resumed from and shipped later
 
     def best_meta(self, step: int, metrics: dict) -> dict:
         return {"step": step, "val": metrics}
 
     def state_dict(self) -> dict:
-        """Resume state: models, optimizers and whatever the task carries between steps."""
-        raise NotImplementedError
+        """Resume state: models, optimizers and whatever the task carries between steps (default: `model`, `opt`)."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
 
     def evaluate_initial(self) -> bool:
         """Whether the starting weights are a best.pt candidate (e.g. fine-tuning shipped weights)."""
