@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +17,7 @@ from service_helpers import TEST_MODEL_ID, TokenPaintDecoder, expected_image, ma
 from mridc.cloud.service.cli import add_frames_arguments, parse_time_us, run_frames
 from mridc.cloud.service.config import ConfigError, ServiceConfig, load_config
 from mridc.cloud.service.ratelimit import DeviceRateLimiter
-from mridc.cloud.service.store import BUSY, CLAIMED, DUPLICATE, FrameStore, StoredFrame
+from mridc.cloud.service.store import BUSY, CLAIMED, DUPLICATE, ClaimLost, FrameStore, StoredFrame, WorkerIdInUse
 from mridc.cloud.service.validation import (
     FrameRejected,
     Limits,
@@ -77,8 +79,8 @@ def test_store_claims_dedupe_and_takeover(tmp_path):
     store.register_instance("w1:1", "w1")
     assert store.claim("cam-a", 1, "w0:1") == CLAIMED
     assert store.claim("cam-a", 1, "w1:1") == BUSY  # w0 is alive and decoding it
-    # w0's slot restarts under a new instance: the old instance's claims are orphans.
-    store.register_instance("w0:2", "w0")
+    time.sleep(0.7)  # neither heart-beats: both dead
+    store.register_instance("w0:2", "w0")  # w0's slot restarts under a new instance
     assert store.claim("cam-a", 1, "w1:1") == CLAIMED
     assert store.claim("cam-a", 2, "w1:1") == CLAIMED
     time.sleep(0.7)  # w1 stops heart-beating: dead
@@ -86,9 +88,65 @@ def test_store_claims_dedupe_and_takeover(tmp_path):
     store.release("cam-a", 2, "w0:2")
     assert store.claim("cam-a", 2, "w0:2") == CLAIMED
     record = StoredFrame("cam-a", 2, 1_700_000_000_000_000, 64, 48, 72, 0.19, TEST_MODEL_ID, "test", "w0")
-    store.put(record, image=expected_image("cam-a", 2))
+    store.put(record, image=expected_image("cam-a", 2), instance="w0:2")
     assert store.claim("cam-a", 2, "w1:1") == DUPLICATE and store.is_stored("cam-a", 2)
     assert [r["sequence"] for r in store.query("cam-a")] == [2]
+    store.close()
+
+
+def _spawn_sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_a_live_worker_id_is_refused_and_a_killed_owner_is_dead_at_once(tmp_path):
+    store = FrameStore(tmp_path, dead_after_s=60)
+    other = _spawn_sleeper()  # another live process on this machine, holding worker id "w0"
+    try:
+        store.register_instance("w0:other", "w0", pid=other.pid)
+        with pytest.raises(WorkerIdInUse, match=f"pid {other.pid} on this machine"):
+            store.register_instance("w0:me", "w0")
+        assert store.claim("cam-a", 1, "w0:other") == CLAIMED
+        store.register_instance("w1:me", "w1")
+        assert store.claim("cam-a", 1, "w1:me") == BUSY
+        other.kill()  # kill -9, and not reaped yet: a zombie is dead too
+        time.sleep(0.2)
+        assert store.claim("cam-a", 1, "w1:me") == CLAIMED  # no heartbeat timeout to wait for
+        store.register_instance("w0:me", "w0")  # the id is free again
+    finally:
+        other.kill()
+        other.wait()
+    store.close()
+
+
+def test_a_decode_whose_claim_was_taken_over_is_not_stored(tmp_path):
+    store = FrameStore(tmp_path, dead_after_s=0.3)
+    store.register_instance("a:1", "a")
+    store.register_instance("b:1", "b")
+    assert store.claim("cam-a", 5, "a:1") == CLAIMED
+    time.sleep(0.5)  # a is frozen: b takes the claim over, decodes and stores
+    store.heartbeat("b:1")
+    assert store.claim("cam-a", 5, "b:1") == CLAIMED
+    record = StoredFrame("cam-a", 5, 1_700_000_000_000_000, 64, 48, 72, 0.19, TEST_MODEL_ID, "test", "b")
+    store.put(record, image=expected_image("cam-a", 5), instance="b:1")
+    late = StoredFrame("cam-a", 5, 1_700_000_000_000_000, 64, 48, 72, 0.19, TEST_MODEL_ID, "test", "a")
+    with pytest.raises(ClaimLost):  # a wakes up with its decode: refused, the stored row is b's
+        store.put(late, image=expected_image("cam-a", 5), instance="a:1")
+    assert [r["worker_id"] for r in store.query("cam-a")] == ["b"]
+    store.close()
+
+
+def test_an_index_from_before_machine_keys_is_upgraded(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute("CREATE TABLE instances (instance TEXT PRIMARY KEY, worker_id TEXT NOT NULL, pid INTEGER, "
+               "started_at REAL NOT NULL, last_seen REAL NOT NULL)")
+    db.execute("INSERT INTO instances VALUES ('old:1', 'old', 1, 0, 0)")
+    db.commit()
+    db.close()
+    store = FrameStore(tmp_path)
+    store.register_instance("new:1", "old")  # the old row is long dead
+    assert store.claim("cam-a", 1, "new:1") == CLAIMED
     store.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import time
@@ -95,6 +96,80 @@ def test_three_workers_share_the_stream_and_a_killed_one_loses_nothing(tmp_path,
         for device in devices:
             device.close()
         assert service.terminate() == 0
+
+
+def completed_decodes(log_path) -> collections.Counter:
+    """(device, sequence) -> decodes that finished, stored or discarded, over every process's log."""
+    counts: collections.Counter = collections.Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if data.get("msg") in ("frame stored", "decode discarded"):
+            counts[(data["device"], data["sequence"])] += 1
+    return counts
+
+
+def test_independent_serve_processes_decode_each_frame_once(tmp_path, broker, pki):
+    """Three `serve` processes with default worker ids on one host, one killed with SIGKILL and not restarted.
+
+    The devices resend a frame that has no ack after a few seconds, as the edge agent does after its
+    `ack_timeout_s`: that, not a restart, recovers what the dead process held (mosquitto #2662)."""
+    devices_ids, frames_per_device = DEVICES[:3], 4
+    total = len(devices_ids) * frames_per_device
+    log_path = tmp_path / "service.log"
+    env = {**SERVICE_ENV, "MRIDC_TEST_DECODE_DELAY_S": "0.4"}
+    services = [ServiceProcess(serve_args(broker, pki, tmp_path / "out", "--queue-size", "2", "--batch-size", "1"),
+                               env=env, log_path=log_path, timeout=40) for _ in range(3)]
+    devices = []
+    try:
+        ids = [s.ready["worker_id"] for s in services]
+        assert len(set(ids)) == 3 and all(s.ready["mqtt_subscribed"] for s in services), ids
+        devices = [MqttDevice(broker.port, d, PASSWORDS[d], pki.ca_cert) for d in devices_ids]
+        for seq in range(1, frames_per_device + 1):
+            for device in devices:
+                device.send(seq)
+        time.sleep(0.6)  # every process now holds frames it has not acked
+        victim = services[1]
+        os.kill(victim.ready["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pending = [(d, q) for d in devices for q in range(1, frames_per_device + 1)
+                       if q not in d.acks_by_sequence()]
+            if not pending:
+                break
+            for device, seq in pending:  # the agent's ack timeout, shortened
+                device.send(seq)
+            time.sleep(4.0)
+        assert not pending, f"never acked: {[(d.device_id, q) for d, q in pending]}"
+
+        store = FrameStore(tmp_path / "out")
+        rows = store.query()
+        store.close()
+        assert len(rows) == total == len({(r["device_id"], r["sequence"]) for r in rows})
+        decodes = completed_decodes(log_path)
+        assert len(decodes) == total and set(decodes.values()) == {1}, f"decoded more than once: {decodes}"
+        assert "decode discarded" not in log_path.read_text()
+        assert collections.Counter(e["worker_id"] for e in stored_events(log_path)).keys() <= set(ids)
+        for device in devices:
+            statuses = {a.status for acks in device.acks_by_sequence().values() for a in acks}
+            assert statuses <= {Ack.STORED, Ack.DUPLICATE, Ack.RETRY_LATER}, statuses
+
+        # A fourth process under a live process's id is refused with a message naming the holder.
+        taken = services[0].ready["worker_id"]
+        clash = ServiceProcess(serve_args(broker, pki, tmp_path / "out", "--worker-id", taken), env=env,
+                               log_path=tmp_path / "clash.log", wait_ready=False)
+        assert clash.proc.wait(40) == 2
+        assert "is in use by a live instance" in (tmp_path / "clash.log").read_text()
+        clash.close()
+    finally:
+        for device in devices:
+            device.close()
+        for service in services:
+            if service is not services[1]:
+                assert service.terminate() == 0
+            service.close()
 
 
 def test_bad_messages_are_rejected_with_reasons_and_the_service_keeps_serving(tmp_path, broker, pki):

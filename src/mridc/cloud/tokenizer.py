@@ -25,6 +25,9 @@ class TokenizerConfig:
     decoder_widths: tuple[int, ...] = (256, 192, 128, 64, 32)  # first at token resolution
     decoder_blocks: tuple[int, ...] = (2, 2, 1, 1, 1)
     commitment: float = 0.25
+    # 0: the codebook learns by gradient. >0: it is the EMA decay of a spherical k-means update (the code is the
+    # normalised running mean of the encoder outputs assigned to it), which keeps far more codes alive.
+    codebook_ema: float = 0.0
 
     @property
     def stride(self) -> int:
@@ -84,11 +87,17 @@ class Encoder(nn.Module):
 class VectorQuantizer(nn.Module):
     """Cosine nearest-neighbour codebook with dead-code restarts from recent encoder outputs."""
 
-    def __init__(self, codebook_size: int, code_dim: int, commitment: float):
+    def __init__(self, codebook_size: int, code_dim: int, commitment: float, ema_decay: float = 0.0):
         super().__init__()
-        self.codebook = nn.Parameter(F.normalize(torch.randn(codebook_size, code_dim), dim=1))
+        self.ema_decay = ema_decay
+        self.codebook = nn.Parameter(F.normalize(torch.randn(codebook_size, code_dim), dim=1),
+                                     requires_grad=ema_decay == 0.0)
         self.commitment = commitment
         self.register_buffer("usage", torch.zeros(codebook_size))
+        if ema_decay > 0:  # only then, so checkpoints of gradient codebooks load unchanged
+            self.register_buffer("ema_sum", self.codebook.detach().clone())
+            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("data_initialised", torch.zeros((), dtype=torch.bool))
 
     def normalized_codebook(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=1)
@@ -104,14 +113,18 @@ class VectorQuantizer(nn.Module):
         return self.normalized_codebook()[idx].permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor):
+        if self.training and self.ema_decay > 0 and not bool(self.data_initialised):
+            self._init_from_data(z.detach())
         idx = self.indices(z.detach())
-        zq = self.lookup(idx)
-        codebook_loss = F.mse_loss(zq, z.detach())
-        commit_loss = F.mse_loss(z, zq.detach())
         if self.training:
             with torch.no_grad():
                 counts = torch.bincount(idx.flatten(), minlength=self.usage.numel()).float()
                 self.usage.mul_(0.99).add_(counts, alpha=0.01)
+                if self.ema_decay > 0:
+                    self._ema_update(z.detach(), idx, counts)
+        zq = self.lookup(idx)
+        commit_loss = F.mse_loss(z, zq.detach())
+        codebook_loss = F.mse_loss(zq, z.detach()) if self.ema_decay == 0 else torch.zeros((), device=z.device)
         zq_st = z + (zq - z).detach()  # straight-through
         return zq_st, idx, codebook_loss + self.commitment * commit_loss
 
@@ -123,9 +136,32 @@ class VectorQuantizer(nn.Module):
             return 0
         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=z.device)
-        self.codebook.data[dead] = flat[pick].float()
+        self.codebook.data[dead] = F.normalize(flat[pick].float(), dim=1)
         self.usage[dead] = 1.0 / self.usage.numel()
+        if self.ema_decay > 0:
+            self.ema_sum[dead] = self.codebook.data[dead]
+            self.ema_count[dead] = 1.0
         return int(dead.numel())
+
+    @torch.no_grad()
+    def _init_from_data(self, z: torch.Tensor) -> None:
+        # Random codes all land on the few directions a fresh encoder emits; start from its outputs instead.
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        pick = torch.randint(0, flat.shape[0], (self.codebook.shape[0],), device=z.device)
+        codes = F.normalize(flat[pick] + 0.01 * torch.randn_like(flat[pick]), dim=1)
+        self.codebook.data.copy_(codes)
+        self.ema_sum.copy_(codes)
+        self.ema_count.fill_(1.0)
+        self.data_initialised.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx.flatten(), flat)
+        self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+        # Codes that got nothing keep their direction: the normalised running sum only shrinks.
+        self.codebook.data.copy_(F.normalize(self.ema_sum, dim=1))
 
 
 class ResBlock(nn.Module):
@@ -183,7 +219,7 @@ class VQTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.commitment, cfg.codebook_ema)
         self.decoder = Decoder(cfg)
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:

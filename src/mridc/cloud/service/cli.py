@@ -37,7 +37,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--grpc", metavar="ADDR", help="serve gRPC on HOST:PORT")
     parser.add_argument("--out", metavar="DIR", help="output store (PNGs, sidecars, index.sqlite)")
     parser.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
-    parser.add_argument("--worker-id", help="unique id of this worker (MQTT client id); default HOSTNAME")
+    parser.add_argument("--worker-id", help="unique id of this live worker (its MQTT client id and persistent "
+                        "session); a second live process with the same id is refused. Default HOST-PID")
     parser.add_argument("--metrics", metavar="ADDR", help="Prometheus endpoint HOST:PORT (worker i: PORT+i)")
     parser.add_argument("--mqtt-username")
     parser.add_argument("--mqtt-password", help="or set MRIDC_MQTT_PASSWORD")

@@ -7,12 +7,17 @@ fails loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+
+FIXED_ID_SESSION_EXPIRY_S = 3600
+GENERATED_ID_SESSION_EXPIRY_S = 30
 
 
 class ConfigError(ValueError):
@@ -27,7 +32,10 @@ class ServiceConfig:
     mqtt_url: str | None = None
     mqtt_username: str | None = None
     mqtt_password: str | None = None
-    mqtt_session_expiry_s: int = 3600
+    # How long the broker keeps this worker's session (and its unacked frames) after a disconnect. Default:
+    # 3600 s with a fixed worker_id, which promises to come back; 30 s with a generated one, which never does
+    # (a long-lived orphan session would hold frames that only the device's ack timeout then recovers).
+    mqtt_session_expiry_s: int | None = None
     # gRPC ingest. None disables it. HOST:PORT; port 0 picks a free one.
     grpc_addr: str | None = None
     # TLS. mqtt_ca verifies the broker; grpc_cert/grpc_key serve gRPC over TLS.
@@ -44,8 +52,9 @@ class ServiceConfig:
     metrics_addr: str | None = None
     # Processes: `workers` > 1 runs a supervisor with that many worker processes.
     workers: int = 1
-    # Unique per worker in the whole fleet: it is the MQTT client id, whose persistent session holds this
-    # worker's unacknowledged frames. Default: the host name.
+    # Unique per live worker in the whole fleet: it is the MQTT client id, whose persistent session holds
+    # this worker's unacknowledged frames. A second live process under the same id is refused at start-up.
+    # Default: HOST-PID, unique per process (`--workers N` appends -0 .. -N-1 to it).
     worker_id: str | None = None
     # Decode queue and batching.
     queue_size: int = 16
@@ -78,8 +87,14 @@ class ServiceConfig:
         return url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883), tls
 
     def validate(self) -> ServiceConfig:
-        if not self.worker_id:
-            self.worker_id = socket.gethostname().split(".")[0] or "decoder"
+        generated_id = not self.worker_id
+        if generated_id:
+            host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "decoder"
+            self.worker_id = f"{host[:50]}-{os.getpid()}"
+        if self.mqtt_session_expiry_s is None:
+            self.mqtt_session_expiry_s = GENERATED_ID_SESSION_EXPIRY_S if generated_id else FIXED_ID_SESSION_EXPIRY_S
+        if self.mqtt_session_expiry_s < 0:
+            raise ConfigError(f"mqtt_session_expiry_s must be >= 0, got {self.mqtt_session_expiry_s}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.worker_id):
             raise ConfigError(f"worker_id must be [A-Za-z0-9_.-]{{1,64}}, got {self.worker_id!r}")
         if self.mqtt_url is None and self.grpc_addr is None:

@@ -18,6 +18,8 @@ class ServiceMetrics:
                                        registry=r)
         self.frames_duplicate = Counter("mridc_frames_duplicate", "Redelivered frames acked, not decoded",
                                         registry=r)
+        self.decodes_discarded = Counter("mridc_decodes_discarded",
+                                         "Decodes not stored: another worker stored the frame first", registry=r)
         self.frames_busy = Counter("mridc_frames_busy", "Frames another live worker is decoding", registry=r)
         self.rate_limited = Counter("mridc_frames_rate_limited", "Frames refused by the per-device limit",
                                     registry=r)

@@ -21,7 +21,7 @@ import time
 
 from .config import ServiceConfig, config_to_dict, load_config
 from .metrics import ServiceMetrics
-from .store import FrameStore
+from .store import FrameStore, WorkerIdInUse
 from .worker import DecodeService, FrameDecoder, load_decoder
 
 log = logging.getLogger("mridc.cloud.service")
@@ -105,7 +105,13 @@ def run_worker(config: ServiceConfig, decoder: FrameDecoder | None = None) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker = Worker(config, decoder)
-    ready = worker.start()
+    try:
+        ready = worker.start()
+    except WorkerIdInUse as exc:
+        log.error("worker id in use", extra={"fields": {"worker_id": config.worker_id, "detail": str(exc)}})
+        print(f"mridc-cloud serve: {exc}", file=sys.stderr, flush=True)
+        worker.stop(drain_timeout=0)
+        return 2
     print(json.dumps(ready), flush=True)
     log.info("worker ready", extra={"fields": ready})
     stop.wait()

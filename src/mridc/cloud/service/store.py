@@ -3,15 +3,22 @@
 The index is what makes delivery exactly-once in effect. A frame moves through two states:
 - `claimed`: one worker instance is decoding it. Another instance that receives the same frame (a broker
   redelivery, or the same frame over gRPC) answers "busy" while the claimant is alive, and takes the claim
-  over when the claimant is dead (no heartbeat, or its worker slot restarted under a new instance).
+  over when the claimant is dead.
 - `stored`: PNG and sidecar are on disk. Any later copy is a duplicate: acknowledged, never decoded again.
 Files are written (temp file + rename) before the row turns `stored`, so a stored row always has its files.
+
+Liveness: an instance is alive while its heartbeat is fresh and, on this machine (same host, boot and PID
+namespace), while its process exists and is not a zombie, so a `kill -9` is seen at once. A worker id may
+be held by one live instance only: a second live process under the same id is refused at start-up, since
+it would share an MQTT client id and make the other's claims look orphaned. Storing checks the claim once
+more, so even a claim taken over from a frozen owner stores once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -48,9 +55,44 @@ CREATE TABLE IF NOT EXISTS instances (
     worker_id TEXT NOT NULL,
     pid INTEGER,
     started_at REAL NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    machine TEXT
 );
 """
+
+
+class WorkerIdInUse(RuntimeError):
+    """Another live instance holds this worker id (and with it the MQTT client id)."""
+
+
+class ClaimLost(RuntimeError):
+    """The frame was stored, or its claim taken over, while this instance decoded it."""
+
+
+def machine_key() -> str:
+    """Where a PID means the same process: host name, kernel boot and PID namespace."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux: the host name alone
+        pass
+    return "|".join(parts)
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a killed child its parent has not reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @dataclass
@@ -89,32 +131,55 @@ class FrameStore:
         self._db = sqlite3.connect(self.out_dir / "index.sqlite", timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        self.machine = machine_key()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(instances)")}
+            if "machine" not in columns:  # an index written before instances recorded their machine
+                self._db.execute("ALTER TABLE instances ADD COLUMN machine TEXT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # -- worker instances --------------------------------------------------------------------------------
-    def register_instance(self, instance: str, worker_id: str) -> None:
+    def register_instance(self, instance: str, worker_id: str, pid: int | None = None) -> None:
+        """Record a starting instance; WorkerIdInUse when a live instance already holds `worker_id`."""
         now = time.time()
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?)",
-                             (instance, worker_id, os.getpid(), now, now))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                holders = self._db.execute("SELECT instance, pid, machine FROM instances WHERE worker_id = ? "
+                                           "AND instance != ?", (worker_id, instance)).fetchall()
+                for row in holders:
+                    if self._owner_alive(row["instance"], now):
+                        where = "this machine" if row["machine"] == self.machine else "another machine"
+                        raise WorkerIdInUse(
+                            f"worker id {worker_id!r} is in use by a live instance (pid {row['pid']} on {where}); "
+                            "give every serve process its own --worker-id, or leave it unset for a unique one")
+                self._db.execute("INSERT OR REPLACE INTO instances (instance, worker_id, pid, started_at, "
+                                 "last_seen, machine) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (instance, worker_id, os.getpid() if pid is None else pid, now, now, self.machine))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def heartbeat(self, instance: str) -> None:
         with self._lock:
             self._db.execute("UPDATE instances SET last_seen = ? WHERE instance = ?", (time.time(), instance))
 
     def _owner_alive(self, owner: str, now: float) -> bool:
-        row = self._db.execute("SELECT worker_id, started_at, last_seen FROM instances WHERE instance = ?",
-                               (owner,)).fetchone()
+        row = self._db.execute("SELECT worker_id, pid, started_at, last_seen, machine FROM instances "
+                               "WHERE instance = ?", (owner,)).fetchone()
         if row is None or now - row["last_seen"] > self.dead_after_s:
             return False
+        if row["machine"] == self.machine and row["pid"] is not None and not process_alive(row["pid"]):
+            return False
         # A newer instance in the same worker slot means this one was restarted: its claims are orphans.
+        # (Safe because register_instance refuses a worker id that a live instance holds.)
         newer = self._db.execute("SELECT 1 FROM instances WHERE worker_id = ? AND started_at > ? LIMIT 1",
                                  (row["worker_id"], row["started_at"])).fetchone()
         return newer is None
@@ -157,10 +222,20 @@ class FrameStore:
         base = self.frames_dir / device_id / frame_basename(device_id, sequence)
         return base.with_suffix(".png"), base.with_suffix(".json")
 
-    def put(self, record: StoredFrame, image: np.ndarray | None = None, png: bytes | None = None) -> StoredFrame:
-        """Write PNG and sidecar, then mark the index row stored. Call only while holding the claim."""
+    def owns_claim(self, device_id: str, sequence: int, instance: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                   (device_id, sequence)).fetchone()
+        return row is not None and row["state"] == "claimed" and row["owner"] == instance
+
+    def put(self, record: StoredFrame, image: np.ndarray | None = None, png: bytes | None = None,
+            instance: str | None = None) -> StoredFrame:
+        """Write PNG and sidecar, then mark the index row stored. With `instance`, only while that instance
+        still holds the claim (else ClaimLost: another worker stored it or took the claim over)."""
         from PIL import Image
 
+        if instance is not None and not self.owns_claim(record.device_id, record.sequence, instance):
+            raise ClaimLost(f"{record.device_id}/{record.sequence}: claim no longer held by {instance}")
         png_path, sidecar_path = self.paths_for(record.device_id, record.sequence)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = png_path.with_name(png_path.name + f".{os.getpid()}.tmp")
@@ -176,19 +251,33 @@ class FrameStore:
         tmp.write_text(json.dumps(sidecar_dict(record), indent=2) + "\n")
         os.replace(tmp, sidecar_path)
         with self._lock:
-            self._db.execute(
-                "INSERT INTO frames (device_id, sequence, state, owner, capture_time_us, stored_at, png_path, "
-                "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id) "
-                "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (device_id, sequence) DO UPDATE SET state = 'stored', owner = NULL, "
-                "capture_time_us = excluded.capture_time_us, stored_at = excluded.stored_at, "
-                "png_path = excluded.png_path, sidecar_path = excluded.sidecar_path, bytes = excluded.bytes, "
-                "bpp = excluded.bpp, width = excluded.width, height = excluded.height, "
-                "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id",
-                (record.device_id, record.sequence, record.capture_time_us, record.stored_at, record.png_path,
-                 record.sidecar_path, record.bytes, record.bpp, record.width, record.height, record.model_id,
-                 record.transport, record.worker_id))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if instance is not None:
+                    row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                           (record.device_id, record.sequence)).fetchone()
+                    if row is None or row["state"] != "claimed" or row["owner"] != instance:
+                        raise ClaimLost(f"{record.device_id}/{record.sequence}: stored or taken over meanwhile")
+                self._write_stored_row(record)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return record
+
+    def _write_stored_row(self, record: StoredFrame) -> None:
+        self._db.execute(
+            "INSERT INTO frames (device_id, sequence, state, owner, capture_time_us, stored_at, png_path, "
+            "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id) "
+            "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (device_id, sequence) DO UPDATE SET state = 'stored', owner = NULL, "
+            "capture_time_us = excluded.capture_time_us, stored_at = excluded.stored_at, "
+            "png_path = excluded.png_path, sidecar_path = excluded.sidecar_path, bytes = excluded.bytes, "
+            "bpp = excluded.bpp, width = excluded.width, height = excluded.height, "
+            "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id",
+            (record.device_id, record.sequence, record.capture_time_us, record.stored_at, record.png_path,
+             record.sidecar_path, record.bytes, record.bpp, record.width, record.height, record.model_id,
+             record.transport, record.worker_id))
 
     def is_stored(self, device_id: str, sequence: int) -> bool:
         with self._lock:

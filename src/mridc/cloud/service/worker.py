@@ -26,7 +26,7 @@ from mridc.v1 import mridc_pb2
 from .config import ServiceConfig
 from .metrics import ServiceMetrics
 from .ratelimit import DeviceRateLimiter
-from .store import BUSY, DUPLICATE, FrameStore, StoredFrame
+from .store import BUSY, DUPLICATE, ClaimLost, FrameStore, StoredFrame
 from .validation import FrameRejected, Limits, ValidFrame, validate_envelope
 
 log = logging.getLogger("mridc.cloud.service")
@@ -288,6 +288,13 @@ class DecodeService:
                 continue
             try:
                 record = self._store(job, image, start, decode_s, len(batch))
+            except ClaimLost as exc:
+                # Another instance took the claim over (this one looked dead) and stored it first.
+                self.metrics.decodes_discarded.inc()
+                log.warning("decode discarded", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
+                                                                  "reason": str(exc)}})
+                self._finish(job, make_ack(env.device_id, env.sequence, Ack.DUPLICATE, "stored by another worker"))
+                continue
             except Exception:
                 # Not stored, not acked: the broker redelivers it (MQTT) / the device resends (gRPC).
                 log.exception("store failed", extra={"fields": {"device": env.device_id, "sequence": env.sequence}})
@@ -322,5 +329,5 @@ class DecodeService:
         self.metrics.queue_seconds.observe(start - job.received_mono)
         png = encode_png(image)
         record.timings["png_encode_s"] = round(time.monotonic() - store_start, 6)
-        record = self.store.put(record, png=png)
+        record = self.store.put(record, png=png, instance=self.instance)
         return record

@@ -45,6 +45,7 @@ class TokenizerTrainConfig:
     r1_every: int = 8
     restart_every: int = 100
     restart_until: float = 0.8
+    betas: tuple[float, float] = (0.5, 0.9)  # GAN-style; (0.9, 0.99) converges faster for reconstruction only
     tiny: bool = False
     min_scale: float = 0.2  # smallest crop scale (a crop covers crop/min_scale source pixels)
     select: str = "detail"  # checkpoint score: "detail" (PSNR penalised by gradient-energy error) or "psnr"
@@ -106,6 +107,8 @@ class TokenizerTask(TrainTask):
         cfg = self.cfg
         self.device = device
         mcfg = tiny_tokenizer_config() if cfg.tiny else TokenizerConfig()
+        if cfg.model:  # architecture overrides, e.g. {"codebook_ema": 0.99}
+            mcfg = TokenizerConfig.from_dict({**mcfg.to_dict(), **cfg.model})
         self.model = VQTokenizer(mcfg).to(device)
         self.disc = PatchDiscriminator(width=16 if cfg.tiny else 64).to(device)
         if not resuming and cfg.init:
@@ -125,7 +128,7 @@ class TokenizerTask(TrainTask):
                     param.requires_grad_(False)
             params = self.model.decoder.parameters()
             cfg.restart_until = 0.0
-        self.opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt_g = torch.optim.Adam([p for p in params if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
 
     def prepare_data(self, device: torch.device) -> None:
@@ -224,7 +227,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainerConfig, Tokenize
                                 min_scale=args.min_scale, select=args.select, init=args.init,
                                 init_disc=args.init_disc, init_gan_on=args.init_gan_on,
                                 freeze_encoder=args.freeze_encoder, data=args.data, val=args.val,
-                                shared_data=args.shared_data)
+                                shared_data=args.shared_data, betas=tuple(args.betas),
+                                model={"codebook_ema": args.codebook_ema} if args.codebook_ema else {})
     return trainer, task
 
 
@@ -261,6 +265,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", choices=["detail", "psnr"], default="detail",
                    help="checkpoint selection score on the held-out crops")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated/shipped weights (0 = off)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9), metavar=("B1", "B2"),
+                   help="Adam betas of the autoencoder (default 0.5 0.9, GAN-style; 0.9 0.99 for reconstruction)")
+    p.add_argument("--codebook-ema", type=float, default=0.0,
+                   help="from scratch: EMA decay of a k-means codebook update, e.g. 0.99 (default 0: gradient)")
     p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
 
 
