@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-
 FIXED_ID_SESSION_EXPIRY_S = 3600
 GENERATED_ID_SESSION_EXPIRY_S = 30
 
