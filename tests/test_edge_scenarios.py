@@ -224,6 +224,36 @@ def test_edge_process_killed_and_restarted(tmp_path, image_dir, protocol, mosqui
     assert_exactly_once(cloud, accepted)
 
 
+def test_a_finite_source_is_delivered_before_the_agent_exits(tmp_path, image_dir, mosquitto, mqtt_cloud_factory,
+                                                              link_factory):
+    """`mridc-edge run --source FOLDER` with default flags: every frame acked before exit 0. With no cloud
+    and a short --drain-timeout: exit 3, and the message names the frames still queued."""
+    cloud = mqtt_cloud_factory(mosquitto.port)
+    # A slow link, so that the source is read long before the last ack can arrive.
+    link = link_factory(mosquitto.port, up_bps=24_000, down_bps=24_000, latency_ms=300)
+    queue_path = tmp_path / "queue.db"
+    base = [sys.executable, "-c", _EDGE_PROCESS, "--source", str(image_dir), "--device-id", DEVICE,
+            "--queue", str(queue_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run(base + ["--transport", f"mqtt://127.0.0.1:{link.port}"], capture_output=True, text=True,
+                          env=env, timeout=100, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "every frame acknowledged" in done.stderr
+    with FrameQueue(queue_path, DEVICE) as queue:
+        assert len(queue) == 0
+        accepted = list(range(1, queue.next_sequence))
+    assert len(accepted) == 6
+    assert_exactly_once(cloud, accepted)
+
+    cloud.stop()  # nobody acks now
+    stuck = subprocess.run(base + ["--transport", f"mqtt://127.0.0.1:{mosquitto.port}", "--drain-timeout", "2"],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert stuck.returncode == 3, stuck.stderr[-3000:]
+    assert "6 frame(s) not acknowledged after 2 s" in stuck.stderr and "sequences 7, 8, 9, 10, 11, 12" in stuck.stderr
+    with FrameQueue(queue_path, DEVICE) as queue:
+        assert len(queue) == 6  # kept for the next run
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("protocol", ["mqtt", "grpc"])

@@ -274,11 +274,22 @@ class EdgeAgent:
                     if max_frames is not None and self.stats["captured"] >= max_frames:
                         break
             deadline = time.monotonic() + drain_timeout_s
+            if drain_timeout_s > 0 and len(self.queue) and not stop.is_set():
+                log.info("%s: source done; waiting up to %.0f s for %d queued frame(s) to be acknowledged",
+                         self.device_id, drain_timeout_s, len(self.queue))
             while len(self.queue) and time.monotonic() < deadline and not stop.is_set():
                 stop.wait(0.1)
-            return self.status()
+            status = self.status()
+            status["undelivered"] = [f.sequence for f in self.queue.pending(limit=max(1, len(self.queue)))]
+            return status
         finally:
             self.stop()
+
+    @property
+    def source_is_finite(self) -> bool:
+        """A video file or an image folder that does not loop (a camera runs until it is stopped)."""
+        return self.source is not None and getattr(self.source, "kind", "camera") != "camera" and not getattr(
+            self.source, "loop", False)
 
 
 def build_transport(config) -> Transport:

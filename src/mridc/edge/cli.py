@@ -5,7 +5,8 @@ Commands:
   run      capture, encode, queue durably and send frames to the cloud over MQTT or gRPC
   info     show the installed edge bundle (model id, backends available)
 
-Exit status: 0 success, 2 invalid input or arguments, 1 internal error.
+Exit status: 0 success, 2 invalid input or arguments, 1 internal error; `run` exits 3 when a finite source
+ended with frames still queued after --drain-timeout (they stay queued for the next run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mridc.shared.cli_util import EXIT_OK, HelpFormatter, InvalidInput, run_comm
 
 PROG = "mridc-edge"
 _log = logging.getLogger("mridc.edge.agent")  # the agent's logger: one stream for `run`
+DEFAULT_DRAIN_TIMEOUT_S = 300.0  # a finite source waits this long for its last acks
 
 
 def _add_encode(sub) -> None:
@@ -157,8 +159,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="client certificate for mutual TLS [transport.cert_file]")
     parser.add_argument("--key-file", help="client key for mutual TLS [transport.key_file]")
     parser.add_argument("--max-frames", type=int, help="stop after capturing this many frames")
-    parser.add_argument("--drain-timeout", type=float, default=0.0, metavar="S",
-                        help="at the end, wait up to S seconds for the queue to empty")
+    parser.add_argument("--drain-timeout", type=float, default=None, metavar="S",
+                        help="when the source ends, wait up to S seconds until the cloud has acknowledged every "
+                             f"queued frame. Default: {DEFAULT_DRAIN_TIMEOUT_S:.0f} s for a video file or image "
+                             "folder (exit status 3, naming the frames, if some are still queued), 0 for a camera "
+                             "or a looping source, which run until stopped. Queued frames are never lost: the "
+                             "next run sends them")
 
 
 _OVERRIDES = {
@@ -219,16 +225,27 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
         signal.signal(signal.SIGINT, _on_signal)
     _log.info("%s: %s -> %s, bpp %.4f, queue %s (%s)", config.device.id, config.source.uri, config.transport.url,
              config.encoder.bpp, config.queue_path(), config.queue.policy)
+    drain_timeout = getattr(args, "drain_timeout", None)
+    if drain_timeout is None:
+        finite = agent.source_is_finite or getattr(args, "max_frames", None) is not None
+        drain_timeout = DEFAULT_DRAIN_TIMEOUT_S if finite else 0.0
     try:
-        status = agent.run(stop, max_frames=getattr(args, "max_frames", None),
-                           drain_timeout_s=getattr(args, "drain_timeout", 0.0) or 0.0)
+        status = agent.run(stop, max_frames=getattr(args, "max_frames", None), drain_timeout_s=drain_timeout)
     except CaptureError as exc:
         _log.error("%s: %s", config.device.id, exc)
         return 1
     finally:
         agent.queue.close()
-    _log.info("%s: done: %s", config.device.id, {k: status[k] for k in ("agent", "forwarder")} | {
-        "queue_depth": status["queue"]["depth"]})
+    undelivered = status.get("undelivered", [])
+    summary = {k: status[k] for k in ("agent", "forwarder")} | {"queue_depth": status["queue"]["depth"]}
+    if undelivered and drain_timeout > 0 and not stop.is_set():
+        shown = ", ".join(map(str, undelivered[:20])) + (" ..." if len(undelivered) > 20 else "")
+        _log.error("%s: %d frame(s) not acknowledged after %.0f s, still queued in %s (sequences %s); "
+                   "the next run sends them: %s", config.device.id, len(undelivered), drain_timeout,
+                   config.queue_path(), shown, summary)
+        return 3
+    _log.info("%s: done%s: %s", config.device.id, f", {len(undelivered)} frame(s) left queued for the next run"
+              if undelivered else ", every frame acknowledged", summary)
     return 0
 
 
