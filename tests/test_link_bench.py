@@ -31,7 +31,7 @@ def test_link_bench_tiny_run(tmp_path):
     folder = _image_folder(tmp_path, (128, 96))
     out = tmp_path / "out"
     rc = cli.main(["link", "--out", str(out), "--image", str(folder), "--size", "128x96", "--bpp", "0.1",
-                   "--realism", "0", "--links", "2000000", "--latency-ms", "20", "--codecs", "jpeg",
+                   "--realism", "0.2", "--links", "2000000", "--latency-ms", "20", "--codecs", "jpeg",
                    "--repeats", "1", "--burst", "2", "--burst-min-seconds", "0", "--max-bpp", "0.5",
                    "--match-steps", "3", "--match-bisect", "0"])
     assert rc == 0
@@ -44,4 +44,8 @@ def test_link_bench_tiny_run(tmp_path):
         for key in ("encode_s", "link_s", "decode_s", "total_s", "fpm_link", "fpm", "fpm_ideal"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert r["total_s"] >= r["link_s"] and r["wire_bytes"] > r["bytes"]
+        assert r["link_s"] < r["first_picture_s"] <= r["total_s"]
+    mridc_row = link["rows"][0]
+    assert mridc_row["preview_decode_s"] > 0 and mridc_row["first_picture_s"] < mridc_row["total_s"]
+    assert link["rows"][1]["first_picture_s"] == link["rows"][1]["total_s"]  # a classical codec: one picture
     assert (out / "link.png").is_file() and (out / "summary.md").is_file()

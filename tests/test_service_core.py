@@ -319,3 +319,100 @@ def test_service_with_the_real_decoder_at_realism_0(tmp_path):
         assert stored.shape == image.shape
     finally:
         service.stop()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_progressive_delivery_acks_the_preview_then_refines_it(tmp_path):
+    from mridc.cloud.service.store import PREVIEW, REFINED
+
+    announced = []
+    service = make_service(tmp_path, TokenPaintDecoder(delay_s=0.2), refine_realism=0.5)
+    service.picture_listeners.append(lambda record: announced.append((record.sequence, record.stage)))
+    try:
+        t0 = time.monotonic()
+        ack = submit_and_wait(service, make_envelope("cam-a", 1))
+        assert ack.status == mridc_pb2.FrameAck.STORED
+        assert time.monotonic() - t0 < 1.0  # one decode, not two, before the ack
+        first = json.loads((tmp_path / "frames/cam-a/cam-a_000000000001.json").read_text())
+        assert first["stage"] in (PREVIEW, REFINED) and first["versions"][PREVIEW]["decode"]["realism"] == 0.0
+        assert wait_for(lambda: service.refined_count == 1)
+        sidecar = json.loads((tmp_path / "frames/cam-a/cam-a_000000000001.json").read_text())
+        assert sidecar["stage"] == REFINED and sidecar["versions"][REFINED]["decode"]["realism"] == 0.5
+        assert sidecar["versions"][REFINED]["stored_at"] >= sidecar["versions"][PREVIEW]["stored_at"]
+        preview_png = tmp_path / sidecar["versions"][PREVIEW]["png_path"]
+        assert preview_png.name.endswith(".preview.png") and preview_png.exists()
+        assert (tmp_path / sidecar["bitstream_path"]).read_bytes() == make_envelope("cam-a", 1).bitstream
+        assert announced == [(1, PREVIEW), (1, REFINED)]
+        assert [r["stage"] for r in service.store.query("cam-a")] == [REFINED]
+        # A redelivery after the refinement is a duplicate: not decoded, not refined again.
+        assert submit_and_wait(service, make_envelope("cam-a", 1)).status == mridc_pb2.FrameAck.DUPLICATE
+        time.sleep(0.5)
+        assert service.decoded_count == 1 and service.refined_count == 1
+    finally:
+        service.stop()
+
+
+def test_live_frames_go_before_refinements(tmp_path):
+    service = make_service(tmp_path, TokenPaintDecoder(delay_s=0.1), refine_realism=0.5, queue_size=16)
+    try:
+        acks = []
+        for seq in range(1, 7):
+            service.submit(make_envelope("cam-a", seq), "test", acks.append)
+        assert wait_for(lambda: len(acks) == 6)
+        # While the six live frames waited, no refinement ran in between.
+        assert service.refined_count <= 1
+        assert wait_for(lambda: service.refined_count == 6)
+    finally:
+        service.stop()
+
+
+def test_a_dead_workers_refinements_are_taken_over(tmp_path):
+    from mridc.cloud.service.store import PREVIEW, REFINED
+
+    dead = make_service(tmp_path, TokenPaintDecoder(), refine_realism=0.5)
+    dead.refining = False  # it stores previews but never gets to refine them (as if killed after the ack)
+    record_stage = []
+    dead.picture_listeners.append(lambda r: record_stage.append(r.stage))
+    try:
+        for seq in (1, 2):
+            assert submit_and_wait(dead, make_envelope("cam-a", seq)).status == mridc_pb2.FrameAck.STORED
+    finally:
+        dead.stop()
+    assert record_stage == [PREVIEW, PREVIEW]
+    config = ServiceConfig(out_dir=tmp_path, grpc_addr="127.0.0.1:0", allow_insecure=True, worker_id="t1",
+                           refine_realism=0.5).validate()
+    heir = DecodeService(config, TokenPaintDecoder(), FrameStore(tmp_path, dead_after_s=0.2), instance="t1:1")
+    heir.store._db.execute("UPDATE instances SET last_seen = 0")  # t0's heartbeat is long gone
+    heir.start()
+    try:
+        assert wait_for(lambda: heir.refined_count == 2)
+        assert [r["stage"] for r in heir.store.query("cam-a")] == [REFINED, REFINED]
+        assert heir.decoded_count == 0
+    finally:
+        heir.stop()
+
+
+def test_a_preview_whose_stream_is_gone_stays_final(tmp_path):
+    from mridc.cloud.service.store import FINAL
+
+    service = make_service(tmp_path, TokenPaintDecoder(delay_s=0.3), refine_realism=0.5)
+    try:
+        service.refining = False
+        assert submit_and_wait(service, make_envelope("cam-a", 1)).status == mridc_pb2.FrameAck.STORED
+        (tmp_path / "frames/cam-a/cam-a_000000000001.mrd").write_bytes(b"MRD\x00 truncated")
+        service.refining = True
+        service._refine_hint.set()
+        assert wait_for(lambda: service.store.query("cam-a")[0]["stage"] == FINAL)
+        assert service.refined_count == 0
+        sidecar = json.loads((tmp_path / "frames/cam-a/cam-a_000000000001.json").read_text())
+        assert "refinement_abandoned" in sidecar["versions"]["preview"]
+    finally:
+        service.stop()

@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 
@@ -86,7 +87,7 @@ def test_three_workers_share_the_stream_and_a_killed_one_loses_nothing(tmp_path,
         # The restarted slot got back frames that were sent to the victim before it died.
         assert any(e["worker_id"] == victim["worker_id"] and e["ts"] > killed_at
                    and e["sequence"] <= frames_per_device // 3 for e in events)
-        assert len(list((tmp_path / "out" / "frames").rglob("*.png"))) == total
+        assert len(list((tmp_path / "out" / "frames").rglob("*[0-9].png"))) == total
         for device in devices:
             by_seq = device.acks_by_sequence()
             assert set(by_seq) == set(range(1, frames_per_device + 1))
@@ -170,6 +171,50 @@ def test_independent_serve_processes_decode_each_frame_once(tmp_path, broker, pk
             if service is not services[1]:
                 assert service.terminate() == 0
             service.close()
+
+
+def test_consumers_get_the_preview_then_the_refined_picture(tmp_path, broker, pki):
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    from mridc.shared.protocol import Channel, topic_filter
+
+    events, got = [], threading.Event()
+    consumer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="consumer", protocol=mqtt.MQTTv5)
+    consumer.username_pw_set("mridc-cloud", PASSWORDS["mridc-cloud"])
+    consumer.tls_set(ca_certs=str(pki.ca_cert), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    consumer.on_connect = lambda c, u, f, rc, p: c.subscribe([(topic_filter(Channel.PREVIEW), 1),
+                                                              (topic_filter(Channel.REFINED), 1)])
+    consumer.on_subscribe = lambda *a: got.set()
+    consumer.on_message = lambda c, u, m: events.append((m.topic, json.loads(m.payload)))
+    consumer.connect("127.0.0.1", broker.port)
+    consumer.loop_start()
+    assert got.wait(10)
+    service = ServiceProcess(serve_args(broker, pki, tmp_path / "out", "--refine-realism", "0.5"),
+                             env={**SERVICE_ENV, "MRIDC_TEST_DECODE_DELAY_S": "0.1"}, log_path=tmp_path / "log")
+    device = MqttDevice(broker.port, "cam-0", PASSWORDS["cam-0"], pki.ca_cert)
+    try:
+        for seq in (1, 2, 3):
+            device.send(seq)
+        device.wait_acks(3)
+        deadline = time.monotonic() + 20
+        while len(events) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(events) == 6, events
+        for seq in (1, 2, 3):
+            mine = [(t, e) for t, e in events if e["sequence"] == seq]
+            assert [t for t, _ in mine] == ["mridc/v1/cam-0/preview", "mridc/v1/cam-0/refined"], mine
+            assert [e["stage"] for _, e in mine] == ["preview", "refined"]
+            assert mine[0][1]["png_path"].endswith(".preview.png")
+            assert (tmp_path / "out" / mine[1][1]["png_path"]).is_file()
+            assert mine[0][1]["stored_at"] <= mine[1][1]["stored_at"]
+    finally:
+        device.close()
+        consumer.disconnect()
+        consumer.loop_stop()
+        assert service.terminate() == 0
+        service.close()
 
 
 def test_bad_messages_are_rejected_with_reasons_and_the_service_keeps_serving(tmp_path, broker, pki):

@@ -188,7 +188,8 @@ def start_service(broker_url: str, out: Path, workers: int, mode: dict, *, queue
                   metrics_port: int, models_dir=None, device: str = "cpu",
                   log_path: Path) -> tuple[subprocess.Popen, list[dict]]:
     args = [sys.executable, "-m", "mridc.cloud.service.cli", "serve", "--mqtt", broker_url, "--out", str(out),
-            "--workers", str(workers), "--worker-id", "bench", "--decoder", mode["decoder"], "--realism",
+            "--workers", str(workers), "--worker-id", "bench", "--decoder", mode["decoder"], "--refine-realism", "0",
+            "--realism",
             str(mode["realism"]), "--queue-size", str(queue_size), "--batch-size", str(batch_size),
             "--rate-limit", "0", "--metrics", f"127.0.0.1:{metrics_port}", "--device", device]
     if models_dir:

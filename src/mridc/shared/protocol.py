@@ -50,6 +50,8 @@ class Channel(enum.StrEnum):
     FRAMES = "frames"
     ACKS = "acks"
     STATUS = "status"
+    PREVIEW = "preview"  # cloud -> consumers: a frame's first picture is stored (JSON event)
+    REFINED = "refined"  # cloud -> consumers: a frame's final picture is stored (JSON event)
 
 
 class TopicError(ValueError):
@@ -86,6 +88,11 @@ def acks_topic(device_id: str) -> str:
 
 def status_topic(device_id: str) -> str:
     return topic(device_id, Channel.STATUS)
+
+
+def picture_topic(device_id: str, stage: str) -> str:
+    """Where the service announces a stored picture: `preview` (first) or `refined` (final)."""
+    return topic(device_id, Channel.PREVIEW if stage == "preview" else Channel.REFINED)
 
 
 def parse_topic(name: str) -> Topic:

@@ -25,7 +25,8 @@ _SERVE_FLAGS = {
     "mqtt_ca": "mqtt_ca", "mqtt_cert": "mqtt_cert", "mqtt_key": "mqtt_key", "grpc_cert": "grpc_cert",
     "grpc_key": "grpc_key", "grpc_client_ca": "grpc_client_ca", "grpc_tokens": "grpc_tokens",
     "decoder": "decoder", "models": "models_dir", "device": "device", "realism": "realism", "seed": "seed",
-    "steps": "steps", "queue_size": "queue_size", "batch_size": "batch_size", "rate_limit": "rate_limit_fps",
+    "refine_realism": "refine_realism", "steps": "steps", "queue_size": "queue_size", "batch_size": "batch_size",
+    "rate_limit": "rate_limit_fps",
     "rate_burst": "rate_limit_burst", "max_payload": "max_payload_bytes", "log_format": "log_format",
 }
 
@@ -54,7 +55,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--decoder", help="'mridc' (default) or 'package.module:factory'")
     parser.add_argument("--models", help="models folder (default: MRIDC_MODELS or the shipped models/)")
     parser.add_argument("--device", help="torch device for decoding: cpu (default) or cuda")
-    parser.add_argument("--realism", type=float, help="0 = tokenizer decode (cheap), 1 = full diffusion")
+    parser.add_argument("--realism", type=float,
+                        help="the first picture's realism: 0 = tokenizer decode (cheap, default), 1 = full diffusion")
+    parser.add_argument("--refine-realism", type=float,
+                        help="the final picture's realism (default 0.5, as `mridc-cloud decode`): each frame's "
+                             "preview is stored, acked and announced first, then replaced by this refined decode "
+                             "when no live frame waits; 0 turns refinement off")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--queue-size", type=int, help="decode queue bound = MQTT Receive Maximum")

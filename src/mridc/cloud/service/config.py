@@ -71,7 +71,10 @@ class ServiceConfig:
     decoder: str = "mridc"  # "mridc" or "package.module:factory"
     models_dir: Path | None = None
     device: str = "cpu"
-    realism: float = 0.0
+    realism: float = 0.0  # the first picture's: 0 is the tokenizer decode (fast), acked and announced at once
+    # The final picture's. Above `realism`, every frame is decoded twice: the preview first, then (when no
+    # live frame waits) this refined decode replaces it. 0 (or <= realism) turns refinement off.
+    refine_realism: float = 0.5
     seed: int = 0
     steps: int | None = None
     # Logs.
@@ -119,8 +122,9 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size > self.queue_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must not exceed queue_size ({self.queue_size})")
-        if not 0.0 <= self.realism <= 1.0:
-            raise ConfigError(f"realism must be in [0, 1], got {self.realism}")
+        for name in ("realism", "refine_realism"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         return self

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
@@ -21,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mridc.shared.protocol import Channel, acks_topic, device_from_topic, shared_frames_filter
+from mridc.shared.protocol import Channel, acks_topic, device_from_topic, picture_topic, shared_frames_filter
 from mridc.v1 import mridc_pb2
 
 from .config import ServiceConfig
@@ -54,6 +55,25 @@ class MqttIngest:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self.client = client
+        service.picture_listeners.append(self.publish_picture)
+
+    def publish_picture(self, record) -> None:
+        """Announce a stored picture on the device's `preview` (first) and/or `refined` (final) topic.
+
+        A single-stage decode is both the first and the final picture: it goes to both topics."""
+        stages = {"preview": ("preview",), "refined": ("refined",)}.get(record.stage, ("preview", "refined"))
+        event = {"device_id": record.device_id, "sequence": record.sequence, "stage": record.stage,
+                 "capture_time_us": record.capture_time_us, "png_path": record.png_path,
+                 "sidecar_path": record.sidecar_path, "width": record.width, "height": record.height,
+                 "worker_id": self.config.worker_id}
+        if record.stage in record.versions:
+            event["stored_at"] = record.versions[record.stage]["stored_at"]
+            event["png_path"] = record.versions[record.stage].get("png_path", record.png_path)
+        else:
+            event["stored_at"] = record.stored_at
+        payload = json.dumps(event).encode()
+        for stage in stages:
+            self.client.publish(picture_topic(record.device_id, stage), payload, qos=1)
 
     def start(self) -> None:
         host, port, _tls = self.config.mqtt_endpoint

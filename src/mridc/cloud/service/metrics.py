@@ -20,6 +20,17 @@ class ServiceMetrics:
                                         registry=r)
         self.decodes_discarded = Counter("mridc_decodes_discarded",
                                          "Decodes not stored: another worker stored the frame first", registry=r)
+        self.frames_refined = Counter("mridc_frames_refined", "Previews replaced by their refined decode",
+                                      registry=r)
+        self.refines_failed = Counter("mridc_refines_failed", "Refinements abandoned (the preview stays)",
+                                      registry=r)
+        self.refine_backlog = Gauge("mridc_refine_backlog", "Stored previews not yet refined (0 = caught up)",
+                                    registry=r)
+        self.refine_seconds = Histogram("mridc_refine_seconds", "Refined decode time per frame",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.capture_to_refined_seconds = Histogram("mridc_capture_to_refined_seconds",
+                                                    "Capture time to refined picture stored",
+                                                    buckets=LATENCY_BUCKETS + (120, 300, 600), registry=r)
         self.frames_busy = Counter("mridc_frames_busy", "Frames another live worker is decoding", registry=r)
         self.rate_limited = Counter("mridc_frames_rate_limited", "Frames refused by the per-device limit",
                                     registry=r)

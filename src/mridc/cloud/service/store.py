@@ -16,6 +16,7 @@ more, so even a claim taken over from a frozen owner stores once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 CLAIMED, DUPLICATE, BUSY = "claimed", "duplicate", "busy"
+FINAL, PREVIEW, REFINED = "final", "preview", "refined"  # picture stages
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -47,6 +49,9 @@ CREATE TABLE IF NOT EXISTS frames (
     model_id INTEGER,
     transport TEXT,
     worker_id TEXT,
+    stage TEXT,
+    refine_owner TEXT,
+    refined_at REAL,
     PRIMARY KEY (device_id, sequence)
 );
 CREATE INDEX IF NOT EXISTS frames_by_time ON frames (device_id, capture_time_us);
@@ -113,6 +118,11 @@ class StoredFrame:
     stored_at: float = 0.0
     png_path: str = ""
     sidecar_path: str = ""
+    # "final" (one decode), or "preview" then "refined" (progressive delivery). `png_path` always holds the
+    # latest; `versions` maps each stage to its own PNG, decode settings and time.
+    stage: str = FINAL
+    versions: dict = field(default_factory=dict)
+    bitstream_path: str = ""  # the MRD stream as received, kept so that a refinement can run anywhere later
 
 
 def frame_basename(device_id: str, sequence: int) -> str:
@@ -139,6 +149,10 @@ class FrameStore:
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(instances)")}
             if "machine" not in columns:  # an index written before instances recorded their machine
                 self._db.execute("ALTER TABLE instances ADD COLUMN machine TEXT")
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(frames)")}
+            for name, kind in (("stage", "TEXT"), ("refine_owner", "TEXT"), ("refined_at", "REAL")):
+                if name not in columns:  # an index from before progressive delivery: its frames are final
+                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -229,27 +243,29 @@ class FrameStore:
         return row is not None and row["state"] == "claimed" and row["owner"] == instance
 
     def put(self, record: StoredFrame, image: np.ndarray | None = None, png: bytes | None = None,
-            instance: str | None = None) -> StoredFrame:
-        """Write PNG and sidecar, then mark the index row stored. With `instance`, only while that instance
-        still holds the claim (else ClaimLost: another worker stored it or took the claim over)."""
-        from PIL import Image
-
+            instance: str | None = None, bitstream: bytes | None = None) -> StoredFrame:
+        """Write PNG (+ the MRD stream) and sidecar, then mark the index row stored. With `instance`, only
+        while that instance still holds the claim (else ClaimLost: another worker stored it or took the claim
+        over). A `preview` record also keeps its PNG as `NAME.preview.png`, which its refinement leaves alone."""
         if instance is not None and not self.owns_claim(record.device_id, record.sequence, instance):
             raise ClaimLost(f"{record.device_id}/{record.sequence}: claim no longer held by {instance}")
+        png = png if png is not None else encode_png_bytes(image)
         png_path, sidecar_path = self.paths_for(record.device_id, record.sequence)
         png_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = png_path.with_name(png_path.name + f".{os.getpid()}.tmp")
-        if png is not None:
-            tmp.write_bytes(png)
-        else:
-            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG", compress_level=3)
-        os.replace(tmp, png_path)
+        if bitstream is not None:
+            mrd_path = png_path.with_suffix(".mrd")
+            _atomic_write(mrd_path, bitstream)
+            record.bitstream_path = str(mrd_path.relative_to(self.out_dir))
         record.stored_at = time.time()
+        if record.stage == PREVIEW:
+            preview_path = png_path.with_suffix(".preview.png")
+            _atomic_write(preview_path, png)
+            record.versions[PREVIEW] = {"png_path": str(preview_path.relative_to(self.out_dir)),
+                                        "stored_at": record.stored_at, "decode": dict(record.decode)}
+        _atomic_write(png_path, png)
         record.png_path = str(png_path.relative_to(self.out_dir))
         record.sidecar_path = str(sidecar_path.relative_to(self.out_dir))
-        tmp = sidecar_path.with_name(sidecar_path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sidecar_dict(record), indent=2) + "\n")
-        os.replace(tmp, sidecar_path)
+        _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -265,19 +281,102 @@ class FrameStore:
                 raise
         return record
 
+    # -- progressive delivery: refinement of stored previews -------------------------------------------
+    def claim_refinement(self, instance: str, limit: int = 1) -> list[tuple[str, int]]:
+        """Take up to `limit` previews to refine, oldest capture first: unowned ones, and those of dead owners."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT device_id, sequence, refine_owner FROM frames WHERE state = 'stored' AND stage = ? "
+                    "ORDER BY (refine_owner IS NOT NULL), capture_time_us LIMIT ?", (PREVIEW, 8 * limit)).fetchall()
+                taken = []
+                for row in rows:
+                    owner = row["refine_owner"]
+                    if owner is not None and owner != instance and self._owner_alive(owner, now):
+                        continue
+                    self._db.execute("UPDATE frames SET refine_owner = ? WHERE device_id = ? AND sequence = ?",
+                                     (instance, row["device_id"], row["sequence"]))
+                    taken.append((row["device_id"], int(row["sequence"])))
+                    if len(taken) >= limit:
+                        break
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return taken
+
+    def release_refinement(self, device_id: str, sequence: int, instance: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE frames SET refine_owner = NULL WHERE device_id = ? AND sequence = ? AND "
+                             "refine_owner = ?", (device_id, sequence, instance))
+
+    def abandon_refinement(self, device_id: str, sequence: int, instance: str, reason: str) -> None:
+        """A preview that cannot be refined (its stream is gone or no longer decodes) becomes final."""
+        record = self.load_record(device_id, sequence)
+        record.stage = FINAL
+        record.versions.setdefault(PREVIEW, {})["refinement_abandoned"] = reason
+        _, sidecar_path = self.paths_for(device_id, sequence)
+        _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
+        with self._lock:
+            self._db.execute("UPDATE frames SET stage = ?, refine_owner = NULL WHERE device_id = ? AND sequence = ? "
+                             "AND refine_owner = ?", (FINAL, device_id, sequence, instance))
+
+    def load_record(self, device_id: str, sequence: int) -> StoredFrame:
+        _, sidecar_path = self.paths_for(device_id, sequence)
+        data = json.loads(sidecar_path.read_text())
+        known = {f.name for f in dataclasses.fields(StoredFrame)}
+        return StoredFrame(**{k: v for k, v in data.items() if k in known})
+
+    def load_bitstream(self, device_id: str, sequence: int) -> bytes:
+        return self.paths_for(device_id, sequence)[0].with_suffix(".mrd").read_bytes()
+
+    def put_refined(self, device_id: str, sequence: int, instance: str, png: bytes, decode: dict) -> StoredFrame:
+        """Replace a preview's picture with its refinement (only while `instance` holds the refinement)."""
+        if not self._owns_refinement(device_id, sequence, instance):
+            raise ClaimLost(f"{device_id}/{sequence}: refinement no longer held by {instance}")
+        record = self.load_record(device_id, sequence)
+        png_path, sidecar_path = self.paths_for(device_id, sequence)
+        _atomic_write(png_path, png)
+        now = time.time()
+        record.stage = REFINED
+        record.versions[REFINED] = {"png_path": record.png_path, "stored_at": now, "decode": dict(decode)}
+        _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE frames SET stage = ?, refined_at = ?, refine_owner = NULL WHERE device_id = ? AND "
+                "sequence = ? AND stage = ? AND refine_owner = ?", (REFINED, now, device_id, sequence, PREVIEW,
+                                                                     instance))
+        if cursor.rowcount != 1:
+            raise ClaimLost(f"{device_id}/{sequence}: refined by another worker meanwhile")
+        return record
+
+    def _owns_refinement(self, device_id: str, sequence: int, instance: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT stage, refine_owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                   (device_id, sequence)).fetchone()
+        return row is not None and row["stage"] == PREVIEW and row["refine_owner"] == instance
+
+    def refinement_backlog(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM frames WHERE state = 'stored' AND stage = ?",
+                                    (PREVIEW,)).fetchone()[0]
+
     def _write_stored_row(self, record: StoredFrame) -> None:
         self._db.execute(
             "INSERT INTO frames (device_id, sequence, state, owner, capture_time_us, stored_at, png_path, "
-            "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id) "
-            "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id, stage) "
+            "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (device_id, sequence) DO UPDATE SET state = 'stored', owner = NULL, "
             "capture_time_us = excluded.capture_time_us, stored_at = excluded.stored_at, "
             "png_path = excluded.png_path, sidecar_path = excluded.sidecar_path, bytes = excluded.bytes, "
             "bpp = excluded.bpp, width = excluded.width, height = excluded.height, "
-            "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id",
+            "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id, "
+            "stage = excluded.stage",
             (record.device_id, record.sequence, record.capture_time_us, record.stored_at, record.png_path,
              record.sidecar_path, record.bytes, record.bpp, record.width, record.height, record.model_id,
-             record.transport, record.worker_id))
+             record.transport, record.worker_id, record.stage))
 
     def is_stored(self, device_id: str, sequence: int) -> bool:
         with self._lock:
@@ -305,12 +404,29 @@ class FrameStore:
             params.append(limit)
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
-        hidden = ("state", "owner", "claimed_at")
+        hidden = ("state", "owner", "claimed_at", "refine_owner")
         return [{k: row[k] for k in row.keys() if k not in hidden} for row in rows]  # noqa: SIM118 (sqlite3.Row)
 
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM frames WHERE state = 'stored'").fetchone()[0]
+
+
+def encode_png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file + rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def sidecar_dict(record: StoredFrame) -> dict:

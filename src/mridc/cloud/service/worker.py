@@ -1,5 +1,10 @@
 """The transport-independent core of a worker: admit a frame, queue it, decode in batches, store, ack.
 
+Progressive delivery (`refine_realism` > `realism`): the first decode is the cheap preview; it is stored,
+acked and announced at once, and the refined decode replaces it later, when no live frame waits. The
+refinement is durable work in the shared index (the stream is kept beside the PNG), so a worker that dies
+leaves it to the others, and it never delays a live frame by more than one refinement.
+
 Both ingest paths (MQTT and gRPC) call `DecodeService.submit(envelope, transport, done)`. `done(ack)` is
 called exactly once per submission: immediately for a rejected, duplicate, busy or rate-limited frame, and
 only after the PNG, sidecar and index row are durable for a decoded one. The MQTT ingest acks the broker
@@ -26,7 +31,7 @@ from mridc.v1 import mridc_pb2
 from .config import ServiceConfig
 from .metrics import ServiceMetrics
 from .ratelimit import DeviceRateLimiter
-from .store import BUSY, DUPLICATE, ClaimLost, FrameStore, StoredFrame
+from .store import BUSY, DUPLICATE, FINAL, PREVIEW, ClaimLost, FrameStore, StoredFrame
 from .validation import FrameRejected, Limits, ValidFrame, validate_envelope
 
 log = logging.getLogger("mridc.cloud.service")
@@ -149,6 +154,16 @@ class DecodeService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.decoded_count = 0
+        self.refined_count = 0
+        # Progressive: previews are stored to be refined. `refining` switches the refinement loop itself
+        # (tests, or an operator pausing it); previews wait durably in the index meanwhile.
+        self.progressive = config.refine_realism > config.realism
+        self.refining = self.progressive
+        # Called with each StoredFrame once its picture is durable (preview, refined or final): the MQTT
+        # ingest publishes it as an event.
+        self.picture_listeners: list[Callable[[StoredFrame], None]] = []
+        self._refine_hint = threading.Event()
+        self._next_refine_scan = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,6 +259,65 @@ class DecodeService:
             self.metrics.queue_depth.set(len(self.queue))
             if batch:
                 self._decode_batch(batch)
+            elif self.refining:  # live frames first: refine only when none waits
+                self._refine_next()
+
+    def _announce(self, record: StoredFrame) -> None:
+        for listener in self.picture_listeners:
+            try:
+                listener(record)
+            except Exception:
+                log.exception("picture listener failed")
+
+    def _refine_next(self) -> None:
+        now = time.monotonic()
+        if now < self._next_refine_scan and not self._refine_hint.is_set():
+            return
+        self._refine_hint.clear()
+        keys = self.store.claim_refinement(self.instance, limit=1)
+        if not keys:
+            self._next_refine_scan = now + 1.0  # nothing left: look again in a second (or on a new preview)
+            self.metrics.refine_backlog.set(0)
+            return
+        device, sequence = keys[0]
+        start = time.monotonic()
+        try:
+            frame = self.decoder.validate(self.store.load_bitstream(device, sequence))
+            settings = self.decode_settings(realism=self.config.refine_realism)
+            with self.decoder_lock:
+                image = self.decoder.decode_frames([frame], settings)[0].image
+            refine_s = time.monotonic() - start
+            decode = self.decode_info(settings.realism) | {"refine_s": round(refine_s, 4)}
+            record = self.store.put_refined(device, sequence, self.instance, encode_png(image), decode)
+        except ClaimLost as exc:
+            log.info("refinement discarded", extra={"fields": {"device": device, "sequence": sequence,
+                                                               "reason": str(exc)}})
+            return
+        except (OSError, ValueError) as exc:  # the stream is gone or no longer decodes: the preview stays
+            log.warning("refinement abandoned", extra={"fields": {"device": device, "sequence": sequence,
+                                                                  "reason": f"{type(exc).__name__}: {exc}"}})
+            self.metrics.refines_failed.inc()
+            self.store.abandon_refinement(device, sequence, self.instance, f"{type(exc).__name__}: {exc}"[:200])
+            return
+        except Exception:
+            log.exception("refinement failed", extra={"fields": {"device": device, "sequence": sequence}})
+            self.metrics.refines_failed.inc()
+            self.store.abandon_refinement(device, sequence, self.instance, "internal error")
+            return
+        self.refined_count += 1
+        self.metrics.frames_refined.inc()
+        self.metrics.refine_seconds.observe(refine_s)
+        self.metrics.capture_to_refined_seconds.observe(
+            max(0.0, record.versions["refined"]["stored_at"] - record.capture_time_us / 1e6))
+        log.info("frame refined", extra={"fields": {"device": device, "sequence": sequence,
+                                                    "refine_s": round(refine_s, 4),
+                                                    "worker_id": self.config.worker_id}})
+        self._announce(record)
+        self._refine_hint.set()  # there may be more: look again at once
+
+    def decode_info(self, realism: float) -> dict:
+        return {"decoder": self.config.decoder, "realism": realism, "seed": self.config.seed,
+                "steps": self.config.steps, "device": self.config.device}
 
     def decode_settings(self, realism: float | None = None, seed: int | None = None, steps: int | None = None):
         from mridc.cloud.pipeline import DecodeSettings  # torch-side; the service always runs beside it
@@ -307,9 +381,12 @@ class DecodeService:
             log.info("frame stored", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
                                                        "bytes": record.bytes, "bpp": round(record.bpp, 5),
                                                        "decode_s": round(decode_s, 4), "batch": len(batch),
-                                                       "transport": job.transport,
+                                                       "transport": job.transport, "stage": record.stage,
                                                        "worker_id": self.config.worker_id}})
             self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED))
+            self._announce(record)
+            if record.stage == PREVIEW:
+                self._refine_hint.set()
 
     def _store(self, job: DecodeJob, image: np.ndarray, start: float, decode_s: float, batch: int) -> StoredFrame:
         env = job.frame.envelope
@@ -320,8 +397,7 @@ class DecodeService:
             width=int(width), height=int(height), bytes=len(env.bitstream),
             bpp=len(env.bitstream) * 8 / float(width * height), model_id=env.model_id,
             transport=job.transport, worker_id=self.config.worker_id,
-            decode={"decoder": self.config.decoder, "realism": self.config.realism, "seed": self.config.seed,
-                    "steps": self.config.steps, "device": self.config.device},
+            decode=self.decode_info(self.config.realism), stage=PREVIEW if self.progressive else FINAL,
             content_sha256=hashlib.sha256(env.bitstream).hexdigest(),
             timings={"queue_s": round(start - job.received_mono, 6), "decode_batch_s": round(decode_s, 6),
                      "batch_size": batch},
@@ -329,5 +405,6 @@ class DecodeService:
         self.metrics.queue_seconds.observe(start - job.received_mono)
         png = encode_png(image)
         record.timings["png_encode_s"] = round(time.monotonic() - store_start, 6)
-        record = self.store.put(record, png=png, instance=self.instance)
+        record = self.store.put(record, png=png, instance=self.instance,
+                                bitstream=env.bitstream if self.progressive else None)
         return record

@@ -44,6 +44,9 @@ class TokenizerTrainConfig:
     r1_gamma: float = 1.0
     r1_every: int = 8
     restart_every: int = 100
+    # A code is dead when its usage (an EMA over ~100 steps of the tokens it got per step; the mean is
+    # tokens/codebook size) falls under this. 1e-3 lets a code live on one token in a thousand steps.
+    restart_threshold: float = 1e-3
     restart_until: float = 0.8
     betas: tuple[float, float] = (0.5, 0.9)  # GAN-style; (0.9, 0.99) converges faster for reconstruction only
     tiny: bool = False
@@ -184,7 +187,7 @@ class TokenizerTask(TrainTask):
 
         restarted = 0
         if step % cfg.restart_every == 0 and step > 0 and ctx.progress < cfg.restart_until:
-            restarted = model.quantizer.restart_dead_codes(out.z)
+            restarted = model.quantizer.restart_dead_codes(out.z, cfg.restart_threshold)
         return {"l1": l1, "msssim_loss": ssim_l, "vq": out.vq_loss, "d_loss": d_loss, "adv_weight": adv_w,
                 "restarted": restarted}
 
@@ -228,6 +231,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainerConfig, Tokenize
                                 init_disc=args.init_disc, init_gan_on=args.init_gan_on,
                                 freeze_encoder=args.freeze_encoder, data=args.data, val=args.val,
                                 shared_data=args.shared_data, betas=tuple(args.betas),
+                                restart_threshold=args.restart_threshold,
                                 model={"codebook_ema": args.codebook_ema} if args.codebook_ema else {})
     return trainer, task
 
@@ -269,6 +273,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Adam betas of the autoencoder (default 0.5 0.9, GAN-style; 0.9 0.99 for reconstruction)")
     p.add_argument("--codebook-ema", type=float, default=0.0,
                    help="from scratch: EMA decay of a k-means codebook update, e.g. 0.99 (default 0: gradient)")
+    p.add_argument("--restart-threshold", type=float, default=1e-3,
+                   help="codes whose recent usage (tokens per step, EMA) is under this are restarted from encoder "
+                        "outputs (default 1e-3; 0.03 restarts codes used less than once in ~30 steps)")
     p.add_argument("--tiny", action="store_true", help="tiny model (tests, smoke runs)")
 
 

@@ -148,7 +148,8 @@ class Demo:
             self.say("broker", f"mosquitto listening on {broker.url} (pid {self.pids['mosquitto']})")
 
         # 2. the cloud service ------------------------------------------------------------------------
-        serve = ["--out", str(out / "cloud"), "--worker-id", f"demo-cloud-{os.getpid()}", "--realism",
+        serve = ["--out", str(out / "cloud"), "--worker-id", f"demo-cloud-{os.getpid()}", "--refine-realism", "0",
+                 "--realism",
                  str(args.realism), "--seed", str(args.seed), "--log-format", "text"]
         if args.models_dir:
             serve += ["--models", str(models_dir)]
