@@ -96,3 +96,27 @@ def test_mridc_is_skipped_with_a_reason_when_not_importable(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     found, reason = mridc_codecs([0.0], None, 0)
     assert found == [] and "mridc skipped" in reason
+
+
+def test_refine_bench_tiny_run(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("MRIDC_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    rc = cli.main(["refine", "--out", str(out), "--images", str(folder), "--size", "192x128", "--bpp", "0.2", "--limit", "1",
+                   "--configs", "preview-torch,refined-torch,refined-fast", "--repeats", "1", "--timed-frames", "1"])
+    assert rc == 0
+    doc = json.loads((out / "refine.json").read_text())
+    assert list(doc["summary"]) == ["preview-torch", "refined-torch", "refined-fast"]
+    assert len(doc["rows"]) == 3 and all(r["seconds"] > 0 and r["psnr"] > 5 for r in doc["rows"])
+    assert "New refined decode (refined-fast) against the old one" in (out / "summary.md").read_text()
+    assert (out / "refine.png").is_file()
+    assert cli.main(["refine", "--out", str(out), "--configs", "nope"]) == 2

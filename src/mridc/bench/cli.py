@@ -35,6 +35,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "all": "mridc.bench.all",
     "models": "mridc.bench.model_eval",
     "compare": "mridc.bench.compare",
+    "refine": "mridc.bench.refine_bench",
     "plot-log": "mridc.bench.plot_log",
 }
 
