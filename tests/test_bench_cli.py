@@ -111,7 +111,8 @@ def test_refine_bench_tiny_run(tmp_path, monkeypatch):
     for i in range(2):
         Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "out"
-    rc = cli.main(["refine", "--out", str(out), "--images", str(folder), "--size", "192x128", "--bpp", "0.2", "--limit", "1",
+    rc = cli.main(["refine", "--out", str(out), "--images", str(folder), "--size", "192x128", "--bpp", "0.2",
+                   "--limit", "1",
                    "--configs", "preview-torch,refined-torch,refined-fast", "--repeats", "1", "--timed-frames", "1"])
     assert rc == 0
     doc = json.loads((out / "refine.json").read_text())
