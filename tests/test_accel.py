@@ -53,3 +53,23 @@ def test_the_shipped_decoder_through_onnxruntime_gives_the_same_pictures(tmp_pat
         a = reference.decode_frames([frame], settings)[0].image
         b = fast.decode_frames([frame], settings)[0].image
         assert a.shape == b.shape and psnr(a, b) > 50
+
+
+def test_the_predictor_gets_one_export_per_grid_shape(tmp_path):
+    from mridc.cloud.accel import accelerate_predictor
+    from mridc.cloud.predictor import BidirectionalTokenPredictor, PredictorConfig, WindowedPredictor
+
+    torch.manual_seed(0)
+    predictor = BidirectionalTokenPredictor(PredictorConfig(codebook_size=64, dim=32, depth=2, heads=4)).eval()
+    windowed = WindowedPredictor(predictor, window=8, overlap=2)
+    tokens = torch.randint(0, 64, (1, 6, 7))
+    keep = torch.rand(1, 6, 7) < 0.5
+    big_tokens, big_keep = torch.randint(0, 64, (1, 12, 20)), torch.rand(1, 12, 20) < 0.5
+    with torch.no_grad():
+        expected, expected_big = windowed(tokens, keep), windowed(big_tokens, big_keep)
+    accelerate_predictor(windowed, cache_dir=tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(windowed(tokens, keep), expected, atol=1e-4)
+        assert torch.allclose(windowed(big_tokens, big_keep), expected_big, atol=1e-4)
+    # Two shapes seen: the small grid, and the 8x8 window of the big one (its edge windows are 8x8 too).
+    assert len(list(tmp_path.glob("predictor-*.onnx"))) == 2

@@ -60,46 +60,78 @@ def module_digest(module: torch.nn.Module, signature: str) -> str:
 class OrtModule:
     """Calls `module(*inputs)` through an ONNX Runtime session: tensors in, one float tensor out.
 
-    `example_inputs` fix the ranks and dtypes; `dynamic` maps an input index to its dynamic axes (the
-    output's axes 0, 2 and 3 are dynamic). Attributes not found here (e.g. `cfg`) come from `module`, so the
-    wrapper stands in wherever the module's forward is all that is used.
+    With `dynamic` (input index -> its dynamic axes; the output's axes 0, 2 and 3 are dynamic too), one export
+    from `example_inputs` serves every size. Without it (modules whose export bakes sizes in, such as
+    attention), each input shape gets its own export and session, made on first use and cached; a camera's
+    frames all have one shape. Attributes not found here (e.g. `cfg`) come from `module`, so the wrapper
+    stands in wherever the module's forward is all that is used.
     """
 
-    def __init__(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-                 dynamic: dict[int, Sequence[int]], *, threads: int | None = None,
-                 cache_dir: str | Path | None = None, name: str = "module"):
+    def __init__(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
+                 dynamic: dict[int, Sequence[int]] | None = None, *, threads: int | None = None,
+                 cache_dir: str | Path | None = None, name: str = "module", max_sessions: int = 8):
+        self.module = module.eval()
+        self.name = name
+        self.dynamic = dynamic
+        self.threads = threads or torch.get_num_threads()
+        self.cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.max_sessions = max_sessions
+        self._sessions: dict[tuple, object] = {}
+        self._weights = module_digest(module, "")
+        self._lock = threading.Lock()  # one run at a time: keeps the thread count as configured
+        if dynamic is not None:
+            if example_inputs is None:
+                raise ValueError("a dynamic export needs example inputs")
+            self._sessions[()] = self._session(list(example_inputs), ())
+
+    @property
+    def path(self) -> Path | None:
+        return getattr(self, "_last_path", None)
+
+    def _session(self, inputs: list[torch.Tensor], shape_key: tuple):
         import onnxruntime as ort
 
-        self.module = module.eval()
-        names = [f"in{i}" for i in range(len(example_inputs))]
-        signature = ";".join(f"{t.dtype}:{t.dim()}" for t in example_inputs)
-        cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        path = cache / f"{name}-{module_digest(module, signature)}.onnx"
+        names = [f"in{i}" for i in range(len(inputs))]
+        signature = ";".join(f"{t.dtype}:{t.dim()}" for t in inputs) + f"|{shape_key}"
+        digest = hashlib.sha256(f"{self._weights}|{signature}|{torch.__version__}".encode()).hexdigest()[:24]
+        path = self.cache / f"{self.name}-{digest}.onnx"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            axes = {names[i]: {a: f"{names[i]}_d{a}" for a in dims} for i, dims in dynamic.items()}
-            axes["out"] = {0: "n", 2: "h", 3: "w"}
-            with torch.no_grad():
-                torch.onnx.export(self.module, tuple(example_inputs), buffer, input_names=names,
-                                  output_names=["out"], dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+            axes = None
+            if self.dynamic is not None:
+                axes = {names[i]: {a: f"{names[i]}_d{a}" for a in dims} for i, dims in self.dynamic.items()}
+                axes["out"] = {0: "n", 2: "h", 3: "w"}
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(self.module, tuple(inputs), buffer, input_names=names, output_names=["out"],
+                                      dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(buffer.getvalue())
             os.replace(tmp, path)  # several workers may export at once: one file wins, all are the same
-            log.info("exported %s to %s", name, path)
+            log.info("exported %s to %s", self.name, path)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = names
-        self.path = path
-        self._lock = threading.Lock()  # one run at a time per session keeps the thread count as configured
+        self._last_path = path
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), names
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(self.input_names, inputs)}
+        key = () if self.dynamic is not None else tuple(tuple(t.shape) for t in inputs)
         with self._lock:
-            (out,) = self.session.run(None, feed)
+            entry = self._sessions.get(key)
+            if entry is None:
+                if len(self._sessions) >= self.max_sessions:
+                    self._sessions.pop(next(iter(self._sessions)))  # the oldest shape goes
+                entry = self._sessions[key] = self._session([t.detach().cpu() for t in inputs], key)
+            session, names = entry
+            feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(names, inputs)}
+            (out,) = session.run(None, feed)
         return torch.from_numpy(out)
 
     def __getattr__(self, item):
@@ -112,6 +144,23 @@ class OrtModule:
 def accelerate_latent_decoder(decoder: torch.nn.Module, code_dim: int, **options) -> OrtModule:
     example = torch.zeros(1, code_dim, 4, 6)
     return OrtModule(decoder, [example], {0: (0, 2, 3)}, name="tokenizer-decoder", **options)
+
+
+class _PredictorCore(torch.nn.Module):
+    def __init__(self, predictor: torch.nn.Module):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor.transform(x)
+
+
+def accelerate_predictor(predictor: torch.nn.Module, **options) -> None:
+    """Run a BidirectionalTokenPredictor's transformer through ONNX Runtime (one export per grid shape)."""
+    inner = getattr(predictor, "predictor", predictor)  # a WindowedPredictor wraps the real one
+    if not hasattr(inner, "core_runner"):
+        return
+    inner.core_runner = OrtModule(_PredictorCore(inner), name="predictor", **options)
 
 
 def accelerate_unet(unet: torch.nn.Module, **options) -> OrtModule:

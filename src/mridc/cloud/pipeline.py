@@ -286,7 +286,7 @@ class MRIDCDecoder:
 
     def accelerate(self, backend: str = "onnxruntime", **options) -> MRIDCDecoder:
         """Run the tokenizer decoder and the refiner's U-Net with `backend` (see `from_models`); returns self."""
-        from mridc.cloud.accel import accelerate_latent_decoder, accelerate_unet, resolve_backend
+        from mridc.cloud.accel import accelerate_latent_decoder, accelerate_predictor, accelerate_unet, resolve_backend
 
         backend = resolve_backend(backend, self.device)
         if backend == "onnxruntime" and self.backend != backend:
@@ -294,6 +294,8 @@ class MRIDCDecoder:
                                                             **options)
             if self.refiner is not None and hasattr(self.refiner, "unet"):
                 self.refiner.unet = accelerate_unet(self.refiner.unet, **options)
+            if self.predictor is not None:
+                accelerate_predictor(self.predictor, **options)
             self.backend = backend
         return self
 

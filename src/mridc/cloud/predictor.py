@@ -73,15 +73,21 @@ class BidirectionalTokenPredictor(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.core_runner = None  # None: `transform` in PyTorch; else a callable that stands in for it
 
     def forward(self, tokens: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
         """tokens (N,h,w) int64, keep_mask (N,h,w) bool -> logits (N,h,w,K). Masked inputs are ignored."""
         n, h, w = tokens.shape
         inp = torch.where(keep_mask, tokens, torch.full_like(tokens, self.mask_id)).reshape(n, h * w)
         x = self.token_embed(inp) + sincos_2d(h, w, self.cfg.dim, tokens.device)[None]
+        core = self.core_runner if self.core_runner is not None else self.transform
+        return core(x).to(x.device).reshape(n, h, w, -1)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens (N,L,dim) -> logits (N,L,K): the transformer, the part `mridc.cloud.accel` exports."""
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)).reshape(n, h, w, -1)
+        return self.head(self.norm(x))
 
 
 class WindowedPredictor(nn.Module):

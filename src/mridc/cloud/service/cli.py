@@ -25,7 +25,8 @@ _SERVE_FLAGS = {
     "mqtt_ca": "mqtt_ca", "mqtt_cert": "mqtt_cert", "mqtt_key": "mqtt_key", "grpc_cert": "grpc_cert",
     "grpc_key": "grpc_key", "grpc_client_ca": "grpc_client_ca", "grpc_tokens": "grpc_tokens",
     "decoder": "decoder", "models": "models_dir", "device": "device", "realism": "realism", "seed": "seed",
-    "refine_realism": "refine_realism", "steps": "steps", "queue_size": "queue_size", "batch_size": "batch_size",
+    "refine_realism": "refine_realism", "steps": "steps", "backend": "backend", "queue_size": "queue_size",
+    "batch_size": "batch_size",
     "rate_limit": "rate_limit_fps",
     "rate_burst": "rate_limit_burst", "max_payload": "max_payload_bytes", "log_format": "log_format",
 }
@@ -62,7 +63,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "preview is stored, acked and announced first, then replaced by this refined decode "
                              "when no live frame waits; 0 turns refinement off")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=int, help="diffusion DDIM steps at realism 1 (default 2: one step at the "
+                        "refined picture's realism 0.5)")
+    parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
+                        help="decoder backend; auto (default): ONNX Runtime on a CPU, PyTorch on CUDA")
     parser.add_argument("--queue-size", type=int, help="decode queue bound = MQTT Receive Maximum")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--rate-limit", type=float, help="frames/s per device per worker (0 = off)")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mridc.cloud.defaults import DEFAULT_BACKEND, DEFAULT_PREVIEW_REALISM, DEFAULT_REFINE_REALISM, DEFAULT_REFINE_STEPS
+
 FIXED_ID_SESSION_EXPIRY_S = 3600
 GENERATED_ID_SESSION_EXPIRY_S = 30
 
@@ -71,12 +73,14 @@ class ServiceConfig:
     decoder: str = "mridc"  # "mridc" or "package.module:factory"
     models_dir: Path | None = None
     device: str = "cpu"
-    realism: float = 0.0  # the first picture's: 0 is the tokenizer decode (fast), acked and announced at once
+    # The first picture's realism: 0 is the tokenizer decode (fast); it is acked and announced at once.
+    realism: float = DEFAULT_PREVIEW_REALISM
     # The final picture's. Above `realism`, every frame is decoded twice: the preview first, then (when no
     # live frame waits) this refined decode replaces it. 0 (or <= realism) turns refinement off.
-    refine_realism: float = 0.5
+    refine_realism: float = DEFAULT_REFINE_REALISM
     seed: int = 0
-    steps: int | None = None
+    steps: int = DEFAULT_REFINE_STEPS  # DDIM steps at realism 1 (one step at the default refine_realism)
+    backend: str = DEFAULT_BACKEND  # decoder backend: auto (ONNX Runtime on a CPU), torch or onnxruntime
     # Logs.
     log_format: str = "json"  # json | text
     log_level: str = "INFO"
@@ -125,6 +129,10 @@ class ServiceConfig:
         for name in ("realism", "refine_realism"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.backend not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(f"backend must be auto, torch or onnxruntime, got {self.backend!r}")
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be in 1..1000, got {self.steps}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         return self

@@ -55,7 +55,7 @@ class Worker:
 
     def __init__(self, config: ServiceConfig, decoder: FrameDecoder | None = None):
         self.config = config
-        self.decoder = decoder or load_decoder(config.decoder, config.models_dir, config.device)
+        self.decoder = decoder or load_decoder(config.decoder, config.models_dir, config.device, config.backend)
         self.store = FrameStore(config.out_dir)
         self.metrics = ServiceMetrics()
         self.service = DecodeService(config, self.decoder, self.store, self.metrics,

@@ -50,12 +50,12 @@ class FrameDecoder(Protocol):
     def decode_frames(self, frames: Sequence[Any], settings: Any = None) -> list[Any]: ...
 
 
-def load_decoder(spec: str, models_dir=None, device: str = "cpu") -> FrameDecoder:
+def load_decoder(spec: str, models_dir=None, device: str = "cpu", backend: str = "auto") -> FrameDecoder:
     """"mridc" -> MRIDCDecoder.from_models; "package.module:factory" -> factory(models_dir=, device=)."""
     if spec == "mridc":
         from mridc.cloud.pipeline import MRIDCDecoder
 
-        return MRIDCDecoder.from_models(models_dir=models_dir, device=device)
+        return MRIDCDecoder.from_models(models_dir=models_dir, device=device, backend=backend)
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"decoder must be 'mridc' or 'module:factory', got {spec!r}")
@@ -317,15 +317,14 @@ class DecodeService:
 
     def decode_info(self, realism: float) -> dict:
         return {"decoder": self.config.decoder, "realism": realism, "seed": self.config.seed,
-                "steps": self.config.steps, "device": self.config.device}
+                "steps": self.config.steps, "device": self.config.device,
+                "backend": getattr(self.decoder, "backend", None)}
 
     def decode_settings(self, realism: float | None = None, seed: int | None = None, steps: int | None = None):
         from mridc.cloud.pipeline import DecodeSettings  # torch-side; the service always runs beside it
 
-        steps = steps or self.config.steps
         return DecodeSettings(realism=self.config.realism if realism is None else realism,
-                              seed=self.config.seed if seed is None else seed,
-                              **({"steps": steps} if steps else {}))
+                              seed=self.config.seed if seed is None else seed, steps=steps or self.config.steps)
 
     def _decode(self, frames: list[ValidFrame]) -> list[np.ndarray]:
         # The TokenFrames that validation parsed are decoded as they are: each stream is parsed once.
