@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mridc.cloud.defaults import DEFAULT_BACKEND, DEFAULT_REFINE_STEPS
 from mridc.lab.provenance import load_1min, machine, write_json_atomic
 
 from .edge_bench import command_line, cover_crop, parse_size
@@ -47,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="768x512", help="frame size WxH (the benchmark is defined at 768x512)")
     p.add_argument("--bpp", type=float, default=0.02, help="MRIDC rate")
     p.add_argument("--realism", type=float, default=0.5, help="MRIDC refined decode realism (the final picture)")
+    p.add_argument("--steps", type=int, default=DEFAULT_REFINE_STEPS,
+                   help="DDIM steps at realism 1 of the refined decode (default: the service's)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=("auto", "torch", "onnxruntime"),
+                   help="decoder backend (default: the service's, ONNX Runtime on a CPU)")
     p.add_argument("--preview-realism", type=float, default=0.0,
                    help="MRIDC first-picture realism (the service's preview, stored and acked before refining)")
     p.add_argument("--links", default="9600,64000", help="link rates in bit/s, comma-separated (both directions)")
@@ -323,14 +328,15 @@ def run(args) -> int:
     frame = cover_crop(item.image, *parse_size(args.size))
     h, w = frame.shape[:2]
     encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", threads=args.threads)
-    decoder = MRIDCDecoder.from_models(models_dir=args.models_dir, device="cpu")
+    decoder = MRIDCDecoder.from_models(models_dir=args.models_dir, device="cpu", backend=args.backend)
     perceptual = PerceptualDistance(weights=args.perceptual_weights)
 
     def mridc_encode(img):
         return bytes(encoder.encode(img, bpp=args.bpp).bitstream)
 
     def mridc_decode(data):
-        return np.asarray(decoder.decode(data, realism=args.realism, seed=args.seed), dtype=np.uint8)
+        return np.asarray(decoder.decode(data, realism=args.realism, seed=args.seed, steps=args.steps),
+                          dtype=np.uint8)
 
     def mridc_preview(data):
         return np.asarray(decoder.decode(data, realism=args.preview_realism, seed=args.seed), dtype=np.uint8)
@@ -385,7 +391,8 @@ def run(args) -> int:
     doc = {"meta": {"command": command_line(), "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "machine": machine(), "cpus": os.cpu_count(), "load_1min_start": load_start},
            "config": {"frame": item.name, "frame_size": [w, h], "bpp": args.bpp, "realism": args.realism,
-                      "preview_realism": args.preview_realism,
+                      "preview_realism": args.preview_realism, "steps": args.steps,
+                      "backend": decoder.backend,
                       "latency_ms": args.latency_ms, "links_bps": [float(r) for r in args.links.split(",") if r],
                       "repeats": args.repeats, "burst": args.burst, "max_bpp": args.max_bpp, "threads": args.threads,
                       "decode_threads": args.decode_threads, "transport": "mqtt (edge MqttTransport, QoS 1)",
