@@ -86,6 +86,11 @@ class ServiceConfig:
     log_level: str = "INFO"
 
     @property
+    def session_expiry_s(self) -> int:
+        """The MQTT session expiry to request (`validate` fills in the default for generated worker ids)."""
+        return FIXED_ID_SESSION_EXPIRY_S if self.mqtt_session_expiry_s is None else int(self.mqtt_session_expiry_s)
+
+    @property
     def mqtt_endpoint(self) -> tuple[str, int, bool]:
         """(host, port, tls) from mqtt_url."""
         url = urlparse(self.mqtt_url or "")

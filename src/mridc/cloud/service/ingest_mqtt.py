@@ -78,7 +78,7 @@ class MqttIngest:
     def start(self) -> None:
         host, port, _tls = self.config.mqtt_endpoint
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.config.mqtt_session_expiry_s
+        props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.queue_size
         self.client.connect_async(host, port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
