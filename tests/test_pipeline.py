@@ -192,3 +192,21 @@ def test_the_refiner_scheduler_can_be_swapped(encoder, decoder):
     assert not np.array_equal(other.decode(stream, realism=0.5, seed=1, steps=2), reference)
     no_refiner = MRIDCDecoder(decoder.tokenizer, decoder.fills, None, decoder.prior)
     assert np.array_equal(no_refiner.decode(stream, realism=1.0), decoder.decode(stream, realism=0.0))
+
+
+def test_refining_a_kept_preview_equals_a_refined_decode(decoder):
+    rng = np.random.default_rng(5)
+    image = (rng.random((96, 128, 3)) * 255).astype(np.uint8)
+    frame = decoder.validate(bytes(EdgeEncoder.from_bundle(backend="onnx").encode(image, bpp=0.2).bitstream))
+    preview_settings = DecodeSettings(realism=0.0)
+    refined_settings = DecodeSettings(realism=0.5, steps=2, seed=3)
+    (preview,) = decoder.decode_frames([frame], preview_settings, keep_intermediate=True)
+    assert preview.decoded is not None and preview.trust.shape == (frame.grid_h, frame.grid_w)
+    (again,) = decoder.decode_frames([frame], preview_settings)
+    assert again.decoded is None and np.array_equal(again.image, preview.image)
+    (refined,) = decoder.refine_outputs([preview], refined_settings)
+    (direct,) = decoder.decode_frames([frame], refined_settings)
+    assert np.array_equal(refined.image, direct.image)
+    assert not np.array_equal(refined.image, preview.image)
+    with pytest.raises(ValueError, match="keep_intermediate"):
+        decoder.refine_outputs([again], refined_settings)

@@ -7,7 +7,9 @@ frames, cover-cropped to 768x512, one after another in one process with ``--thre
 - ``refined-torch``: realism 0.5 with 8 DDIM steps at realism 1 (4 steps), PyTorch (the old refined decode);
 - ``preview-ort`` and ``refined-ort``: the same through ONNX Runtime (``mridc.cloud.accel``);
 - ``refined-fast``: realism 0.5 with ``--fast-steps`` (default 2, so one DDIM step), ONNX Runtime (the new
-  refined decode, the service's and the CLI's default).
+  refined decode, the service's and the CLI's default);
+- ``refine-step``: the same picture from a kept preview (the refiner alone): what the service spends on a
+  frame's refined picture after its own preview.
 
 Cost per frame = ``decode_frames`` (what the service calls) + the PNG encode the service does, the median
 of ``--repeats`` timed runs after one warm-up. Quality: PSNR, MS-SSIM, MNv2-LPIPS, LPIPS-Alex, DISTS and
@@ -36,6 +38,9 @@ CONFIGS = {  # name -> (backend, realism, steps at realism 1 or None for --fast-
     "preview-ort": ("onnxruntime", 0.0, 8),
     "refined-ort": ("onnxruntime", 0.5, 8),
     "refined-fast": ("onnxruntime", 0.5, None),
+    # The service's marginal cost of the refined picture: its own preview kept (keep_intermediate), then the
+    # refiner alone (`refine_outputs`); the same pixels as refined-fast.
+    "refine-step": ("onnxruntime", 0.5, None),
 }
 METRICS = ("psnr", "ms_ssim", "mnv2_lpips", "lpips_alex", "dists", "niqe")
 
@@ -107,10 +112,17 @@ def run(args: argparse.Namespace) -> int:
         settings = DecodeSettings(realism=realism, steps=steps or args.fast_steps, seed=args.seed)
         for i, ((frame_name, image), stream) in enumerate(zip(frames, streams, strict=True)):
             token_frame = decoder.validate(stream)
+            preview = None
+            if name == "refine-step":
+                preview = decoder.decode_frames([token_frame], DecodeSettings(realism=0.0, seed=args.seed),
+                                                keep_intermediate=True)[0]
             times = []
             for r in range((args.repeats + 1) if i < args.timed_frames else 1):
                 t0 = time.perf_counter()
-                decoded = decoder.decode_frames([token_frame], settings)[0].image
+                if preview is not None:
+                    decoded = decoder.refine_outputs([preview], settings)[0].image
+                else:
+                    decoded = decoder.decode_frames([token_frame], settings)[0].image
                 encode_png(decoded)
                 if r > 0 or i >= args.timed_frames:
                     times.append(time.perf_counter() - t0)
@@ -165,6 +177,12 @@ def render_markdown(doc: dict) -> str:
         lines.append(f"| {name} | {c['backend']} | {c['realism']:g} | {ddim} | {s['seconds_median']:.3f} | "
                      f"{fmt(s['psnr'], '.2f')} | {fmt(s['ms_ssim'], '.4f')} | {fmt(s['mnv2_lpips'], '.4f')} | "
                      f"{fmt(s['lpips_alex'], '.4f')} | {fmt(s['dists'], '.4f')} | {fmt(s['niqe'], '.2f')} |")
+    if "refine-step" in summary and "preview-ort" in summary and "preview-torch" in summary:
+        step, prev_new, prev_old = summary["refine-step"], summary["preview-ort"], summary["preview-torch"]
+        both = step["seconds_median"] + prev_new["seconds_median"]
+        lines += ["", (f"The service's cost of both pictures of a frame (preview-ort + refine-step): {both:.3f} s, "
+                       f"{both / prev_old['seconds_median']:.2f}x the old default decode (preview-torch, "
+                       f"{prev_old['seconds_median']:.3f} s), which gave the preview only.")]
     if "refined-torch" in summary and "refined-fast" in summary and "preview-torch" in summary:
         old, new, prev = summary["refined-torch"], summary["refined-fast"], summary["preview-torch"]
         lines += ["", (f"New refined decode (refined-fast) against the old one (refined-torch): "

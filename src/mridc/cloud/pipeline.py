@@ -68,6 +68,10 @@ class DecodeOutput:
     frame: TokenFrame
     completed_tokens: np.ndarray  # (gh, gw) int64
     timings: dict = field(default_factory=dict)
+    # With decode_frames(keep_intermediate=True): the tokenizer decode (3,H,W in [-1, 1], before the refiner)
+    # and the trust map (gh,gw), so `refine_outputs` can refine later without completing and decoding again.
+    decoded: torch.Tensor | None = field(default=None, repr=False)
+    trust: torch.Tensor | None = field(default=None, repr=False)
 
 
 # -- fills -------------------------------------------------------------------------------------------------
@@ -357,8 +361,11 @@ class MRIDCDecoder:
 
     # -- public API ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode_frames(self, frames: Sequence[TokenFrame], settings: DecodeSettings | None = None) -> list[DecodeOutput]:
-        """Parsed frames -> one DecodeOutput each, in order; frames of one grid size are decoded as a batch."""
+    def decode_frames(self, frames: Sequence[TokenFrame], settings: DecodeSettings | None = None,
+                      keep_intermediate: bool = False) -> list[DecodeOutput]:
+        """Parsed frames -> one DecodeOutput each, in order; frames of one grid size are decoded as a batch.
+
+        `keep_intermediate`: each output keeps its tokenizer decode and trust map (for `refine_outputs`)."""
         settings = settings or DecodeSettings()
         self.fill_for(settings)  # an unknown fill fails before any work
         for f in frames:  # frames parsed elsewhere skipped `validate`: refuse an oversized one before any work
@@ -372,13 +379,41 @@ class MRIDCDecoder:
             t0 = time.perf_counter()
             completion = self.complete(group, settings)
             t1 = time.perf_counter()
-            images = self.to_images(self.render(completion, settings), group)
+            decoded = self.decode_latent(completion.latent)
+            images = self.to_images(self.refine(decoded, completion.trust, settings), group)
             t2 = time.perf_counter()
             for j, i in enumerate(members):
                 outputs[i] = DecodeOutput(
                     image=images[j], frame=frames[i], completed_tokens=completion.tokens[j].cpu().numpy(),
-                    timings={"tokens": (t1 - t0) / len(members), "render": (t2 - t1) / len(members)})
+                    timings={"tokens": (t1 - t0) / len(members), "render": (t2 - t1) / len(members)},
+                    decoded=decoded[j].clone() if keep_intermediate else None,
+                    trust=completion.trust[j].clone() if keep_intermediate else None)
         return outputs  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def refine_outputs(self, outputs: Sequence[DecodeOutput], settings: DecodeSettings) -> list[DecodeOutput]:
+        """Refine earlier decodes (made with keep_intermediate=True) at `settings`: only the refiner runs.
+
+        The pictures equal `decode_frames(frames, settings)` when the fill is deterministic (bpcg, nearest,
+        mode): completion and the tokenizer decode do not depend on the realism."""
+        if any(o.decoded is None or o.trust is None for o in outputs):
+            raise ValueError("refine_outputs needs outputs decoded with keep_intermediate=True")
+        results: list[DecodeOutput | None] = [None] * len(outputs)
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(outputs):
+            groups.setdefault(tuple(o.decoded.shape), []).append(i)
+        for members in groups.values():
+            t0 = time.perf_counter()
+            decoded = torch.stack([outputs[i].decoded for i in members]).to(self.device)
+            trust = torch.stack([outputs[i].trust for i in members]).to(self.device)
+            frames = [outputs[i].frame for i in members]
+            images = self.to_images(self.refine(decoded, trust, settings), frames)
+            t1 = time.perf_counter()
+            for j, i in enumerate(members):
+                o = outputs[i]
+                results[i] = DecodeOutput(image=images[j], frame=o.frame, completed_tokens=o.completed_tokens,
+                                          timings={"refine": (t1 - t0) / len(members)})
+        return results  # type: ignore[return-value]
 
     def decode(self, bitstream: bytes, realism: float = 0.5, seed: int = 0, steps: int | None = None,
                fill: str | None = None) -> np.ndarray:

@@ -164,6 +164,11 @@ class DecodeService:
         self.picture_listeners: list[Callable[[StoredFrame], None]] = []
         self._refine_hint = threading.Event()
         self._next_refine_scan = 0.0
+        # (device, sequence) -> this worker's preview DecodeOutput with its intermediates, so that refining a
+        # preview it just made runs the refiner only. Bounded; a miss (another worker's preview, a restart)
+        # decodes from the stored stream instead.
+        self._previews: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
+        self._previews_max = 2 * config.queue_size
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -281,13 +286,20 @@ class DecodeService:
             return
         device, sequence = keys[0]
         start = time.monotonic()
+        with self._inflight_lock:
+            preview = self._previews.pop((device, sequence), None)
         try:
-            frame = self.decoder.validate(self.store.load_bitstream(device, sequence))
             settings = self.decode_settings(realism=self.config.refine_realism)
-            with self.decoder_lock:
-                image = self.decoder.decode_frames([frame], settings)[0].image
+            if preview is not None:  # this worker's own preview: the refiner alone
+                with self.decoder_lock:
+                    image = self.decoder.refine_outputs([preview], settings)[0].image
+            else:
+                frame = self.decoder.validate(self.store.load_bitstream(device, sequence))
+                with self.decoder_lock:
+                    image = self.decoder.decode_frames([frame], settings)[0].image
             refine_s = time.monotonic() - start
-            decode = self.decode_info(settings.realism) | {"refine_s": round(refine_s, 4)}
+            decode = self.decode_info(settings.realism) | {"refine_s": round(refine_s, 4),
+                                                           "from_preview": preview is not None}
             record = self.store.put_refined(device, sequence, self.instance, encode_png(image), decode)
         except ClaimLost as exc:
             log.info("refinement discarded", extra={"fields": {"device": device, "sequence": sequence,
@@ -328,7 +340,16 @@ class DecodeService:
 
     def _decode(self, frames: list[ValidFrame]) -> list[np.ndarray]:
         # The TokenFrames that validation parsed are decoded as they are: each stream is parsed once.
-        outputs = self.decoder.decode_frames([f.token_frame for f in frames], self.decode_settings())
+        token_frames = [f.token_frame for f in frames]
+        if self.progressive and hasattr(self.decoder, "refine_outputs"):
+            outputs = self.decoder.decode_frames(token_frames, self.decode_settings(), keep_intermediate=True)
+            with self._inflight_lock:
+                for f, out in zip(frames, outputs, strict=True):
+                    self._previews[(f.envelope.device_id, f.envelope.sequence)] = out
+                while len(self._previews) > self._previews_max:
+                    self._previews.popitem(last=False)
+        else:
+            outputs = self.decoder.decode_frames(token_frames, self.decode_settings())
         return [out.image for out in outputs]
 
     def _decode_batch(self, batch: list[DecodeJob]) -> None:
