@@ -105,3 +105,26 @@ def test_bad_arguments_exit_2(tmp_path, stream):
         proc = run(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), args
+
+
+def test_a_sliced_file_decodes_whole_and_with_slices_lost(tmp_path):
+    out = tmp_path / "coffee.mrds"
+    summary = json.loads(run("mridc.edge.cli", "encode", str(IMAGE), "-o", str(out), "--bpp", "0.02", "--scale", "1",
+                             "--slice-bytes", "200", "--json", check_rc=0).stdout)
+    sliced = summary["sliced"]
+    assert sliced["slices"] >= 3 and max(sliced["slice_bytes"]) <= 200
+    assert sliced["bytes_sliced"] > sliced["bytes_whole"] == summary["bytes"]
+    whole = json.loads(run("mridc.cloud.cli", "decode", str(out), "-o", str(tmp_path / "a.png"), "--realism", "0",
+                           "--json", check_rc=0).stdout)
+    assert whole["sliced"]["rows_missing"] == 0 and whole["sliced"]["used"] == sliced["slices"]
+    lossy = json.loads(run("mridc.cloud.cli", "decode", str(out), "-o", str(tmp_path / "b.png"), "--realism", "0",
+                           "--drop-slices", "1", "--json", check_rc=0).stdout)
+    assert lossy["sliced"]["rows_missing"] > 0 and lossy["kept_tokens"] < whole["kept_tokens"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "b.png") as im:
+        assert im.size == (600, 400)  # a frame, not a lost frame
+    bad = run("mridc.edge.cli", "encode", str(IMAGE), "-o", str(tmp_path / "x"), "--slice-bytes", "10", check_rc=2)
+    assert "--slice-bytes" in bad.stderr and "Traceback" not in bad.stderr
+    plain = run("mridc.cloud.cli", "decode", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png"), check_rc=2)
+    assert "Traceback" not in plain.stderr

@@ -75,7 +75,27 @@ def cmd_decode(args) -> int:
     except ModelFileError as exc:
         raise InvalidInput(str(exc)) from exc
     t0 = time.perf_counter()
-    frame = decoder.validate(data)
+    slices_info = None
+    from mridc.shared.slices import decompress_slices, is_sliced_file, unpack_slices
+
+    if is_sliced_file(data):  # a sliced file: decode whatever slices are left, missing rows masked
+        from mridc.shared.bitstream import BitstreamError
+
+        try:
+            slices = unpack_slices(data)
+            dropped = set(args.drop_slices or ())
+            sliced = decompress_slices([x for i, x in enumerate(slices) if i not in dropped], decoder.prior,
+                                       model_id=decoder.model_id)
+        except BitstreamError as exc:
+            raise InvalidInput(f"{args.stream}: {exc}") from exc
+        frame = sliced.frame
+        decoder.check_size(frame)
+        slices_info = {"slices": len(slices), "used": sliced.slices_used, "dropped": sorted(dropped),
+                       "rows_missing": int((~sliced.rows_present).sum()), "rejected": sliced.rejected}
+    else:
+        if args.drop_slices:
+            raise InvalidInput("--drop-slices needs a sliced file (mridc-edge encode --slice-bytes N)")
+        frame = decoder.validate(data)
     settings = DecodeSettings(realism=args.realism, seed=args.seed, fill=args.fill,
                               steps=args.steps or DEFAULT_REFINE_STEPS)
     out = decoder.decode_frames([frame], settings)[0]
@@ -89,6 +109,7 @@ def cmd_decode(args) -> int:
                "kept_tokens": int(frame.keep_mask.sum()), "tokens": int(frame.keep_mask.size),
                "realism": args.realism, "seed": args.seed, "fill": args.fill, "backend": decoder.backend,
                "steps": settings.steps, "seconds": round(elapsed, 3),
+               **({"sliced": slices_info} if slices_info else {}),
                "timings_s": {k: round(v, 3) for k, v in out.timings.items()}}
     print(json.dumps(summary) if args.json else
           f"{path}: {frame.width}x{frame.height} from {len(data)} bytes ({summary['bpp']:.4f} bpp), "
@@ -149,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--models", help="models folder (default: $MRIDC_MODELS or the repository's models/)")
+    p.add_argument("--drop-slices", type=lambda t: [int(x) for x in t.split(",") if x], metavar="I,J",
+                   help="with a sliced file: leave these slices out (0-based), as a lossy link would; their "
+                        "token rows are masked and completed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_decode)
 

@@ -53,6 +53,10 @@ def _add_encode(sub) -> None:
     p.add_argument("--roi", action="append", default=[], metavar="X0,Y0,X1,Y1",
                    help="a key region box in pixels (repeatable); its tokens are kept first")
     p.add_argument("--models", help="models folder (default: $MRIDC_MODELS or the repository's models/)")
+    p.add_argument("--slice-bytes", type=int, metavar="N",
+                   help="write a sliced file: the frame cut into bands of token rows, each an MRD stream of at "
+                        "most N bytes that decodes alone (for lossy datagram links; each slice repeats the "
+                        "header, so the file is larger than the --bpp budget; docs/bitstream.md)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(func=cmd_encode)
 
@@ -91,18 +95,33 @@ def cmd_encode(args) -> int:
     scale = args.scale if args.scale.startswith("auto") else _parse_scale(args.scale)
     result = encoder.encode(image, bpp=args.bpp, keep_ratio=args.keep_ratio, rois=[_parse_roi(r) for r in args.roi],
                             scale=scale)
+    payload = result.bitstream
+    sliced = None
+    if args.slice_bytes is not None:
+        from mridc.shared.slices import compress_sliced, pack_slices
+
+        try:
+            slices = compress_sliced(result.token_frame, encoder.prior, args.slice_bytes)
+        except ValueError as exc:
+            raise InvalidInput(f"--slice-bytes: {exc}") from exc
+        payload = pack_slices(slices)
+        sliced = {"slices": len(slices), "slice_bytes": [len(x) for x in slices],
+                  "bytes_sliced": sum(len(x) for x in slices), "bytes_whole": len(result.bitstream)}
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(result.bitstream)
+    tmp.write_bytes(payload)
     tmp.replace(out)
     summary = {"input": args.image, "output": str(out), "width": image.shape[1], "height": image.shape[0],
-               "backend": args.backend, **result.summary()}
+               "backend": args.backend, **result.summary(), **({"sliced": sliced} if sliced else {})}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{out}: {summary['bytes']} bytes, {summary['bpp']:.4f} bpp, kept {summary['kept_tokens']}/"
               f"{result.tokens.size} tokens ({summary['keep_ratio']:.0%}), "
               f"encode {summary['timings_ms']['total']:.0f} ms")
+        if sliced:
+            print(f"  sliced: {sliced['slices']} slices of at most {args.slice_bytes} bytes, "
+                  f"{sliced['bytes_sliced']} bytes in all (+{sliced['bytes_sliced'] - sliced['bytes_whole']})")
     if result.warning:
         print(f"{PROG}: warning: {result.warning}", file=sys.stderr)
     return EXIT_OK

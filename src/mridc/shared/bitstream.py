@@ -38,28 +38,28 @@ FORMAT_VERSION = 1
 FLAG_ALL_KEPT = 0x01  # every token is sent: no mask section
 FLAG_NONE_KEPT = 0x02  # no token is sent: no mask and no token section
 FLAG_FRAME_FLAGS = 0x04  # a frame_flags varint follows rate_q (TokenFrame.flags != 0)
-FLAG_SLICED = 0x08  # reserved: independently decodable slices (not in v1)
+FLAG_SLICED = 0x08  # this stream is one slice of a frame: a band of token rows (decompress_slices)
 FLAG_INTER = 0x10  # reserved: inter frame coded against a reference frame (not in v1)
 # The grid covers the frame resampled to exactly grid*stride pixels in either direction (a grid finer than the
 # frame's full-resolution one buys quality with a budget that full resolution cannot spend). Decoders that
 # predate it refuse the stream (unknown flag) rather than crop it, which the implicit v1 rule would do.
 FLAG_RESAMPLED = 0x20
 _FLAGS_V1 = FLAG_ALL_KEPT | FLAG_NONE_KEPT | FLAG_FRAME_FLAGS | FLAG_RESAMPLED
-_RESERVED_FEATURES = {FLAG_SLICED: "sliced frames", FLAG_INTER: "inter frames"}
+_RESERVED_FEATURES = {FLAG_INTER: "inter frames"}
 
 # Section types. Bit 7 set = ancillary: a decoder that does not know it skips it.
 # Unknown types without bit 7 are critical and refused.
 SECTION_MASK = 0x01  # keep mask, context-adaptive binary coder
 SECTION_TOKENS_STATIC = 0x02  # kept tokens, static prior
 SECTION_TOKENS_ADAPTIVE = 0x03  # kept tokens, neighbour-match flags + static prior
-SECTION_SLICE = 0x04  # reserved: one independently decodable slice
+SECTION_SLICE = 0x04  # a slice's place in its frame: frame_tag u32 | row_start v | row_count v
 SECTION_REFERENCE = 0x05  # reserved: reference frame of an inter frame
 SECTION_ANCILLARY = 0x80
 _SECTION_NAMES = {
     SECTION_MASK: "mask",
     SECTION_TOKENS_STATIC: "tokens-static",
     SECTION_TOKENS_ADAPTIVE: "tokens-adaptive",
-    SECTION_SLICE: "slice (reserved)",
+    SECTION_SLICE: "slice",
     SECTION_REFERENCE: "reference (reserved)",
 }
 
@@ -194,9 +194,10 @@ def _section(kind: int, payload: bytes) -> bytes:
     return bytes((kind,)) + write_varint(len(payload)) + payload
 
 
-def _write_header(frame: TokenFrame, kept: int) -> bytes:
-    flags = 0
-    if kept == frame.grid_h * frame.grid_w:
+def _write_header(frame: TokenFrame, kept: int, positions: int | None = None, extra_flags: int = 0) -> bytes:
+    """The header; ALL_KEPT / NONE_KEPT compare `kept` with `positions` (a slice's band; default the grid)."""
+    flags = extra_flags
+    if kept == (frame.grid_h * frame.grid_w if positions is None else positions):
         flags |= FLAG_ALL_KEPT
     elif kept == 0:
         flags |= FLAG_NONE_KEPT
@@ -238,7 +239,7 @@ def compress(frame: TokenFrame, prior: TokenPrior, *, token_coder: TokenCoder = 
     return bytes(out)
 
 
-def _parse(data: bytes) -> tuple[Header, list[tuple[int, int, int]], int]:
+def _parse(data: bytes, *, sliced: bool = False) -> tuple[Header, list[tuple[int, int, int]], int]:
     """Check CRC and header; return (header, [(type, offset, length)], header size)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
@@ -267,8 +268,13 @@ def _parse(data: bytes) -> tuple[Header, list[tuple[int, int, int]], int]:
         if flags & bit:
             raise BitstreamError(f"stream uses {feature} (flag 0x{bit:02x}), not supported by this "
                                  f"decoder (format version {FORMAT_VERSION})")
-    if flags & ~_FLAGS_V1 & 0xFF:
-        raise BitstreamError(f"unknown header flags 0x{flags & ~_FLAGS_V1 & 0xFF:02x}")
+    if flags & FLAG_SLICED and not sliced:
+        raise BitstreamError("stream is one slice of a sliced frame (flag 0x08): decode the frame's slices "
+                             "together with decompress_slices")
+    if not flags & FLAG_SLICED and sliced:
+        raise BitstreamError("not a slice (flag 0x08 unset): decode it with decompress")
+    if flags & ~(_FLAGS_V1 | FLAG_SLICED) & 0xFF:
+        raise BitstreamError(f"unknown header flags 0x{flags & ~(_FLAGS_V1 | FLAG_SLICED) & 0xFF:02x}")
     if flags & FLAG_ALL_KEPT and flags & FLAG_NONE_KEPT:
         raise BitstreamError("header flags say both all-kept and none-kept")
     pos = 4
@@ -349,15 +355,31 @@ def decompress(data: bytes, prior: TokenPrior, *, model_id: int | None = None) -
     tokenizer); otherwise the returned frame's model_id is for the caller to check."""
     header, sections, _ = _parse(data)
     data = bytes(data)
+    _check_model(header, model_id)
+    _check_prior(prior, header.codebook_bits, BitstreamError)
+    mask, tokens = _decode_body(data, header, sections, (header.grid_h, header.grid_w), prior, set())
+    return TokenFrame(
+        width=header.width, height=header.height, grid_h=header.grid_h, grid_w=header.grid_w,
+        model_id=header.model_id, codebook_bits=header.codebook_bits, keep_mask=mask,
+        kept_tokens=tokens, rate_q=header.rate_q, flags=header.frame_flags,
+        resampled=bool(header.flags & FLAG_RESAMPLED),
+    )
+
+
+def _check_model(header: Header, model_id: int | None) -> None:
     if model_id is not None and header.model_id != model_id:
         raise BitstreamError(f"stream was made with model {header.model_id:08x}, this decoder has "
                              f"model {model_id:08x}")
-    _check_prior(prior, header.codebook_bits, BitstreamError)
+
+
+def _decode_body(data: bytes, header: Header, sections, shape: tuple[int, int], prior: TokenPrior,
+                 extra_kinds: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The mask and token sections of a stream (or of a slice, whose band has `shape`)."""
     found: dict[int, tuple[int, int]] = {}
     for kind, offset, length in sections:
         if kind & SECTION_ANCILLARY:
             continue  # ancillary: safe to ignore
-        if kind not in (SECTION_MASK, SECTION_TOKENS_STATIC, SECTION_TOKENS_ADAPTIVE):
+        if kind not in (SECTION_MASK, SECTION_TOKENS_STATIC, SECTION_TOKENS_ADAPTIVE) and kind not in extra_kinds:
             raise BitstreamError(f"unknown critical section type 0x{kind:02x}")
         if kind in found:
             raise BitstreamError(f"duplicate {_section_name(kind)} section")
@@ -365,7 +387,6 @@ def decompress(data: bytes, prior: TokenPrior, *, model_id: int | None = None) -
     token_kinds = [k for k in (SECTION_TOKENS_STATIC, SECTION_TOKENS_ADAPTIVE) if k in found]
     if len(token_kinds) > 1:
         raise BitstreamError("more than one token section")
-    shape = (header.grid_h, header.grid_w)
     try:
         if header.flags & (FLAG_ALL_KEPT | FLAG_NONE_KEPT):
             if SECTION_MASK in found:
@@ -393,12 +414,7 @@ def decompress(data: bytes, prior: TokenPrior, *, model_id: int | None = None) -
                 tokens = decode_tokens_adaptive(payload, mask, prior)
     except CorruptStreamError as exc:
         raise BitstreamError(f"corrupt entropy-coded data: {exc}") from None
-    return TokenFrame(
-        width=header.width, height=header.height, grid_h=header.grid_h, grid_w=header.grid_w,
-        model_id=header.model_id, codebook_bits=header.codebook_bits, keep_mask=mask,
-        kept_tokens=tokens, rate_q=header.rate_q, flags=header.frame_flags,
-        resampled=bool(header.flags & FLAG_RESAMPLED),
-    )
+    return mask, tokens
 
 
 def header_size(frame: TokenFrame) -> int:
