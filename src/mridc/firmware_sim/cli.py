@@ -15,6 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from mridc.lab.datagram import DATAGRAM_PROFILES, LOSS_MODELS
 from mridc.lab.link import OUTAGE_MODES, PROFILES
 
 
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="random outages, on average this many per minute (length about --outage-for)")
     link.add_argument("--seed", type=int, help="random seed for jitter and random outages")
     link.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    udp = link.add_argument_group("datagram mode (--udp): a UDP proxy for CoAP/UDP traffic")
+    udp.add_argument("--udp", action="store_true", help="proxy UDP datagrams instead of TCP connections")
+    udp.add_argument("--udp-profile", choices=sorted(DATAGRAM_PROFILES), help="datagram preset (lora, nbiot)")
+    udp.add_argument("--loss", type=float, metavar="P", help="datagram loss probability, both directions")
+    udp.add_argument("--loss-model", choices=LOSS_MODELS, help="bernoulli (default) or gilbert (bursts)")
+    udp.add_argument("--mtu", type=int, metavar="BYTES", help="drop datagrams larger than this")
+    udp.add_argument("--duplicate", type=float, metavar="P", help="deliver a datagram twice with this probability")
+    udp.add_argument("--reorder", type=float, metavar="P", help="delay this fraction of datagrams (reorders them)")
+    udp.add_argument("--duty-cycle", type=float, metavar="F", help="airtime fraction, e.g. 0.01 (EU868 LoRa)")
 
     fleet = sub.add_parser(
         "fleet", help="N simulated cameras, each with its own device id and durable queue",
@@ -102,11 +112,36 @@ def link_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def datagram_options(args: argparse.Namespace) -> dict:
+    """Impairments keyword arguments for --udp: the preset first, explicit flags on top."""
+    options: dict = dict(DATAGRAM_PROFILES[args.udp_profile]) if args.udp_profile else {}
+    for flag, key in (("loss", "loss"), ("loss_model", "loss_model"), ("mtu", "mtu"), ("duplicate", "duplicate"),
+                      ("reorder", "reorder"), ("duty_cycle", "duty_cycle"), ("latency", "latency_ms"),
+                      ("jitter", "jitter_ms"), ("bandwidth", "rate_bps")):
+        value = getattr(args, flag)
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def _run_link(args: argparse.Namespace) -> int:
     from mridc.lab.link import LinkEmulator
 
     try:
-        link = LinkEmulator(args.upstream, args.listen, **link_options(args))
+        if args.udp:
+            from mridc.lab.datagram import DatagramLink
+
+            link = DatagramLink.symmetric(_host_port(args.upstream), _host_port(args.listen), seed=args.seed or 0,
+                                          **datagram_options(args))
+        else:
+            link = LinkEmulator(args.upstream, args.listen, **link_options(args))
         link.start()
     except (ValueError, OSError) as exc:
         print(f"mridc-sim link: {exc}", file=sys.stderr)
