@@ -121,3 +121,29 @@ def test_refine_bench_tiny_run(tmp_path, monkeypatch):
     assert "New refined decode (refined-fast) against the old one" in (out / "summary.md").read_text()
     assert (out / "refine.png").is_file()
     assert cli.main(["refine", "--out", str(out), "--configs", "nope"]) == 2
+
+
+@pytest.mark.net
+def test_loss_bench_tiny_run(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    y, x = np.mgrid[0:128, 0:192]
+    img = (128 + 80 * np.sin(x / 9.0) * np.cos(y / 11.0)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(np.stack([img, img[::-1], img[:, ::-1]], 2)).save(folder / "a.png")
+    out = tmp_path / "out"
+    rc = cli.main(["loss", "--out", str(out), "--images", str(folder), "--size", "192x128", "--bpp", "0.3",
+                   "--packet-bytes", "96", "--losses", "0,0.4", "--retransmit", "0,4", "--trials", "1"])
+    assert rc == 0
+    doc = json.loads((out / "loss.json").read_text())
+    by = {(s["retransmit"], s["loss"], s["variant"]): s for s in doc["summary"]}
+    for variant in ("mridc-sliced", "mridc-whole", "avif-whole"):
+        assert by[(0, 0.0, variant)]["decoded_fraction"] == 1.0  # a clean link delivers everything
+        assert by[(4, 0.4, variant)]["sends_per_packet"] > 1.0  # losses were resent
+    sizes = doc["config"]["bytes"]["imgs/a"]
+    assert sizes["sliced"] <= sizes["whole"] and sizes["slices"] >= 2
+    assert (out / "loss.png").is_file() and "frames decoded" in (out / "summary.md").read_text()

@@ -36,6 +36,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "models": "mridc.bench.model_eval",
     "compare": "mridc.bench.compare",
     "refine": "mridc.bench.refine_bench",
+    "loss": "mridc.bench.loss_bench",
     "plot-log": "mridc.bench.plot_log",
 }
 

@@ -148,11 +148,16 @@ def run(args: argparse.Namespace) -> int:
                       "fast_steps": args.fast_steps,
                       "configs": {n: dict(zip(("backend", "realism", "steps"), CONFIGS[n])) for n in names}},
            "summary": summary, "rows": rows}
-    write_json_atomic(out / "refine.json", doc)
-    (out / "summary.md").write_text(render_markdown(doc))
-    plot(doc, out)
-    print(f"wrote {out / 'refine.json'}, {out / 'summary.md'}, {out / 'refine.png'}", file=sys.stderr)
+    write_outputs(out, "refine", doc, render_markdown, plot)
     return 0
+
+
+def write_outputs(out: Path, stem: str, doc: dict, render, plot_fn) -> None:
+    """STEM.json (written atomically), summary.md and STEM.png (the plot function's), and say so."""
+    write_json_atomic(out / f"{stem}.json", doc)
+    (out / "summary.md").write_text(render(doc))
+    plot_fn(doc, out)
+    print(f"wrote {out / f'{stem}.json'}, {out / 'summary.md'}, {out / f'{stem}.png'}", file=sys.stderr)
 
 
 def render_markdown(doc: dict) -> str:
