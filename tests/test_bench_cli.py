@@ -132,11 +132,11 @@ def test_loss_bench_tiny_run(tmp_path):
 
     folder = tmp_path / "imgs"
     folder.mkdir()
-    y, x = np.mgrid[0:128, 0:192]
+    y, x = np.mgrid[0:256, 0:384]
     img = (128 + 80 * np.sin(x / 9.0) * np.cos(y / 11.0)).clip(0, 255).astype(np.uint8)
     Image.fromarray(np.stack([img, img[::-1], img[:, ::-1]], 2)).save(folder / "a.png")
     out = tmp_path / "out"
-    rc = cli.main(["loss", "--out", str(out), "--images", str(folder), "--size", "192x128", "--bpp", "0.3",
+    rc = cli.main(["loss", "--out", str(out), "--images", str(folder), "--size", "384x256", "--bpp", "0.05",
                    "--packet-bytes", "96", "--losses", "0,0.4", "--retransmit", "0,4", "--trials", "1"])
     assert rc == 0
     doc = json.loads((out / "loss.json").read_text())

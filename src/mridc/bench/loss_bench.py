@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder
     from mridc.edge.encoder import EdgeEncoder
-    from mridc.lab.codecs import make_codec
+    from mridc.lab.codecs import BudgetTooSmall, make_codec
     from mridc.lab.datagram import DatagramLink, Impairments
     from mridc.lab.datasets import resolve
     from mridc.lab.metrics import psnr
@@ -149,13 +149,17 @@ def run(args: argparse.Namespace) -> int:
             sliced_result = encoder.encode(image, bpp=bpp)
             slices = compress_sliced(sliced_result.token_frame, encoder.prior, budget)
         sliced_lossless = decoder.decode_frames([sliced_result.token_frame], settings)[0].image
-        avif_payload, avif_decoded, _ = avif.encode(image, len(whole) * 8)
+        try:
+            avif_payload, avif_decoded, _ = avif.encode(image, len(whole) * 8)
+        except BudgetTooSmall:  # no AVIF setting fits the MRIDC stream's bytes: that variant sits out
+            avif_payload, avif_decoded = None, None
         lossless = decoder.decode_frames([result.token_frame], settings)[0].image
         coded.append({"name": name, "image": image, "whole": whole, "slices": slices, "avif": avif_payload,
                       "avif_decoded": avif_decoded, "lossless_psnr": psnr(image, lossless),
-                      "sliced_lossless_psnr": psnr(image, sliced_lossless), "avif_psnr": psnr(image, avif_decoded)})
+                      "sliced_lossless_psnr": psnr(image, sliced_lossless),
+                      "avif_psnr": None if avif_decoded is None else psnr(image, avif_decoded)})
         print(f"loss: {name}: MRIDC {len(whole)} B whole / {sum(map(len, slices))} B in {len(slices)} slices, "
-              f"AVIF {len(avif_payload)} B", file=sys.stderr, flush=True)
+              f"AVIF {len(avif_payload) if avif_payload else 'none fits'} B", file=sys.stderr, flush=True)
     rows = []
     for rounds in [int(r) for r in args.retransmit.split(",") if r]:
         for loss in [float(x) for x in args.losses.split(",") if x]:
@@ -165,13 +169,16 @@ def run(args: argparse.Namespace) -> int:
                 for i, c in enumerate(coded):
                     packets[(0, i)] = c["slices"]
                     packets[(1, i)] = fragments(c["whole"], budget)
-                    packets[(2, i)] = fragments(c["avif"], budget)
+                    if c["avif"] is not None:
+                        packets[(2, i)] = fragments(c["avif"], budget)
                 imp = Impairments(loss=loss, loss_model=args.loss_model)
                 seed = args.seed * 1000 + int(loss * 100) * 10 + trial + 100 * rounds
                 with DatagramLink(("127.0.0.1", receiver.port), up=imp, seed=seed) as link:
                     sends = send_frames(link.port, receiver, packets, rounds)
                 for i, c in enumerate(coded):
                     for v, variant in enumerate(VARIANTS):
+                        if (v, i) not in packets:
+                            continue
                         got = receiver.got.get((v, i), {})
                         n = len(packets[(v, i)])
                         row = {"variant": variant, "loss": loss, "retransmit": rounds, "trial": trial,
@@ -197,19 +204,22 @@ def run(args: argparse.Namespace) -> int:
                                        mnv2_lpips=mnv2(c["image"], decoded))
                         rows.append(row)
                 receiver.close()
+                this = [r for r in rows if (r["loss"], r["retransmit"], r["trial"]) == (loss, rounds, trial)]
                 print(f"loss: {loss:.2f} retransmit {rounds} trial {trial}: " + ", ".join(
-                    f"{v} {sum(r['decoded'] for r in rows[-len(coded) * 3:] if r['variant'] == v)}/{len(coded)}"
-                    for v in VARIANTS), file=sys.stderr, flush=True)
+                    f"{v} {sum(r['decoded'] for r in this if r['variant'] == v)}/"
+                    f"{sum(r['variant'] == v for r in this)}" for v in VARIANTS), file=sys.stderr, flush=True)
     summary = summarise(rows, coded)
     doc = {"meta": {"command": command_line(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                     "machine": machine(), "load_1min_start": load_start, "load_1min_end": load_1min()},
            "config": {"frames": [c["name"] for c in coded], "size": [width, height], "bpp": args.bpp,
                       "packet_bytes": args.packet_bytes, "loss_model": args.loss_model, "trials": args.trials,
                       "bytes": {c["name"]: {"whole": len(c["whole"]), "sliced": sum(map(len, c["slices"])),
-                                            "slices": len(c["slices"]), "avif": len(c["avif"])} for c in coded},
+                                            "slices": len(c["slices"]),
+                                            "avif": len(c["avif"]) if c["avif"] else None} for c in coded},
                       "lossless_psnr": float(np.mean([c["lossless_psnr"] for c in coded])),
                       "sliced_lossless_psnr": float(np.mean([c["sliced_lossless_psnr"] for c in coded])),
-                      "avif_psnr": float(np.mean([c["avif_psnr"] for c in coded]))},
+                      "avif_psnr": float(np.mean([c["avif_psnr"] for c in coded if c["avif_psnr"] is not None]
+                                                 or [np.nan]))},
            "summary": summary, "rows": rows}
     write_outputs(out, "loss", doc, render_markdown, plot)
     return 0
