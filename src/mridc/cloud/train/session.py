@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--hardware", default="", help="recorded in the model metadata (e.g. 'NVIDIA H200')")
     p.add_argument("--skip-tokenizer", action="store_true", help="train only predictor and diffusion")
+    p.add_argument("--tokenizer-init", help="start the tokenizer from this file instead of --init-dir's "
+                   "tokenizer.pt (e.g. models/candidates/tokenizer_ema.pt; its GAN phase starts from scratch)")
+    p.add_argument("--tokenizer-args", default="", help="extra arguments for the tokenizer trainer, one string "
+                   "(e.g. \"--gan-start 0.5 --select psnr\")")
     p.add_argument("--tiny", action="store_true", help="tiny models (smoke test)")
     args = p.parse_args(argv)
 
@@ -66,8 +71,15 @@ def main(argv=None) -> int:
         cmd = py + ["mridc.cloud.train.tokenizer", "--out", str(runs / "tokenizer"), "--steps", "0",
                     "--minutes", str(args.tokenizer_minutes), "--batch", str(args.tokenizer_batch),
                     "--eval-every", str(args.eval_every)] + common
-        if (init / "tokenizer.pt").exists() and not (runs / "tokenizer" / "last.pt").exists():
-            cmd += ["--init", str(init / "tokenizer.pt"), "--init-disc", str(init / "tokenizer_disc.pt")]
+        if not (runs / "tokenizer" / "last.pt").exists():
+            if args.tokenizer_init:
+                if not Path(args.tokenizer_init).exists():
+                    print(f"--tokenizer-init: {args.tokenizer_init} does not exist", file=sys.stderr)
+                    return 2
+                cmd += ["--init", args.tokenizer_init]
+            elif (init / "tokenizer.pt").exists():
+                cmd += ["--init", str(init / "tokenizer.pt"), "--init-disc", str(init / "tokenizer_disc.pt")]
+        cmd += shlex.split(args.tokenizer_args)
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         ship_best(runs / "tokenizer" / "best.pt", "tokenizer", tok_ship, hw)
