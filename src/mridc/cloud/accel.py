@@ -84,10 +84,6 @@ class OrtModule:
                 raise ValueError("a dynamic export needs example inputs")
             self._sessions[()] = self._session(list(example_inputs), ())
 
-    @property
-    def path(self) -> Path | None:
-        return getattr(self, "_last_path", None)
-
     def _session(self, inputs: list[torch.Tensor], shape_key: tuple):
         import onnxruntime as ort
 
@@ -118,7 +114,6 @@ class OrtModule:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._last_path = path
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), names
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

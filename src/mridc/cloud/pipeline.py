@@ -351,9 +351,6 @@ class MRIDCDecoder:
             return decoded
         return self.refiner(decoded, trust, settings.realism, steps=settings.steps, seed=settings.seed)
 
-    def render(self, completion: Completion, settings: DecodeSettings) -> torch.Tensor:
-        return self.refine(self.decode_latent(completion.latent), completion.trust, settings)
-
     def to_images(self, images: torch.Tensor, frames: Sequence[TokenFrame]) -> list[np.ndarray]:
         """(N,3,H,W) in [-1, 1] -> HxWx3 uint8 at each camera frame's size."""
         pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()

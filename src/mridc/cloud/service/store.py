@@ -16,6 +16,7 @@ more, so even a claim taken over from a frozen owner stores once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,28 +159,34 @@ class FrameStore:
         with self._lock:
             self._db.close()
 
-    # -- worker instances --------------------------------------------------------------------------------
-    def register_instance(self, instance: str, worker_id: str, pid: int | None = None) -> None:
-        """Record a starting instance; WorkerIdInUse when a live instance already holds `worker_id`."""
-        now = time.time()
+    @contextlib.contextmanager
+    def _transaction(self):
+        """The lock and one IMMEDIATE transaction: committed on success, rolled back on any error."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                holders = self._db.execute("SELECT instance, pid, machine FROM instances WHERE worker_id = ? "
-                                           "AND instance != ?", (worker_id, instance)).fetchall()
-                for row in holders:
-                    if self._owner_alive(row["instance"], now):
-                        where = "this machine" if row["machine"] == self.machine else "another machine"
-                        raise WorkerIdInUse(
-                            f"worker id {worker_id!r} is in use by a live instance (pid {row['pid']} on {where}); "
-                            "give every serve process its own --worker-id, or leave it unset for a unique one")
-                self._db.execute("INSERT OR REPLACE INTO instances (instance, worker_id, pid, started_at, "
-                                 "last_seen, machine) VALUES (?, ?, ?, ?, ?, ?)",
-                                 (instance, worker_id, os.getpid() if pid is None else pid, now, now, self.machine))
+                yield
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    # -- worker instances --------------------------------------------------------------------------------
+    def register_instance(self, instance: str, worker_id: str, pid: int | None = None) -> None:
+        """Record a starting instance; WorkerIdInUse when a live instance already holds `worker_id`."""
+        now = time.time()
+        with self._transaction():
+            holders = self._db.execute("SELECT instance, pid, machine FROM instances WHERE worker_id = ? "
+                                       "AND instance != ?", (worker_id, instance)).fetchall()
+            for row in holders:
+                if self._owner_alive(row["instance"], now):
+                    where = "this machine" if row["machine"] == self.machine else "another machine"
+                    raise WorkerIdInUse(
+                        f"worker id {worker_id!r} is in use by a live instance (pid {row['pid']} on {where}); "
+                        "give every serve process its own --worker-id, or leave it unset for a unique one")
+            self._db.execute("INSERT OR REPLACE INTO instances (instance, worker_id, pid, started_at, "
+                             "last_seen, machine) VALUES (?, ?, ?, ?, ?, ?)",
+                             (instance, worker_id, os.getpid() if pid is None else pid, now, now, self.machine))
 
     def heartbeat(self, instance: str) -> None:
         with self._lock:
@@ -202,27 +209,21 @@ class FrameStore:
     def claim(self, device_id: str, sequence: int, instance: str) -> str:
         """CLAIMED (decode it), DUPLICATE (already stored) or BUSY (a live instance is decoding it)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
-                                       (device_id, sequence)).fetchone()
-                if row is None:
-                    self._db.execute("INSERT INTO frames (device_id, sequence, state, owner, claimed_at) "
-                                     "VALUES (?, ?, 'claimed', ?, ?)", (device_id, sequence, instance, now))
-                    result = CLAIMED
-                elif row["state"] == "stored":
-                    result = DUPLICATE
-                elif row["owner"] != instance and self._owner_alive(row["owner"], now):
-                    result = BUSY
-                else:
-                    self._db.execute("UPDATE frames SET owner = ?, claimed_at = ? WHERE device_id = ? "
-                                     "AND sequence = ?", (instance, now, device_id, sequence))
-                    result = CLAIMED
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                   (device_id, sequence)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO frames (device_id, sequence, state, owner, claimed_at) "
+                                 "VALUES (?, ?, 'claimed', ?, ?)", (device_id, sequence, instance, now))
+                result = CLAIMED
+            elif row["state"] == "stored":
+                result = DUPLICATE
+            elif row["owner"] != instance and self._owner_alive(row["owner"], now):
+                result = BUSY
+            else:
+                self._db.execute("UPDATE frames SET owner = ?, claimed_at = ? WHERE device_id = ? "
+                                 "AND sequence = ?", (instance, now, device_id, sequence))
+                result = CLAIMED
         return result
 
     def release(self, device_id: str, sequence: int, instance: str) -> None:
@@ -249,7 +250,7 @@ class FrameStore:
         over). A `preview` record also keeps its PNG as `NAME.preview.png`, which its refinement leaves alone."""
         if instance is not None and not self.owns_claim(record.device_id, record.sequence, instance):
             raise ClaimLost(f"{record.device_id}/{record.sequence}: claim no longer held by {instance}")
-        png = png if png is not None else encode_png_bytes(image)
+        png = png if png is not None else encode_png(image)
         png_path, sidecar_path = self.paths_for(record.device_id, record.sequence)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         if bitstream is not None:
@@ -266,45 +267,33 @@ class FrameStore:
         record.png_path = str(png_path.relative_to(self.out_dir))
         record.sidecar_path = str(sidecar_path.relative_to(self.out_dir))
         _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if instance is not None:
-                    row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
-                                           (record.device_id, record.sequence)).fetchone()
-                    if row is None or row["state"] != "claimed" or row["owner"] != instance:
-                        raise ClaimLost(f"{record.device_id}/{record.sequence}: stored or taken over meanwhile")
-                self._write_stored_row(record)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            if instance is not None:
+                row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                       (record.device_id, record.sequence)).fetchone()
+                if row is None or row["state"] != "claimed" or row["owner"] != instance:
+                    raise ClaimLost(f"{record.device_id}/{record.sequence}: stored or taken over meanwhile")
+            self._write_stored_row(record)
         return record
 
     # -- progressive delivery: refinement of stored previews -------------------------------------------
     def claim_refinement(self, instance: str, limit: int = 1) -> list[tuple[str, int]]:
         """Take up to `limit` previews to refine, oldest capture first: unowned ones, and those of dead owners."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT device_id, sequence, refine_owner FROM frames WHERE state = 'stored' AND stage = ? "
-                    "ORDER BY (refine_owner IS NOT NULL), capture_time_us LIMIT ?", (PREVIEW, 8 * limit)).fetchall()
-                taken = []
-                for row in rows:
-                    owner = row["refine_owner"]
-                    if owner is not None and owner != instance and self._owner_alive(owner, now):
-                        continue
-                    self._db.execute("UPDATE frames SET refine_owner = ? WHERE device_id = ? AND sequence = ?",
-                                     (instance, row["device_id"], row["sequence"]))
-                    taken.append((row["device_id"], int(row["sequence"])))
-                    if len(taken) >= limit:
-                        break
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            rows = self._db.execute(
+                "SELECT device_id, sequence, refine_owner FROM frames WHERE state = 'stored' AND stage = ? "
+                "ORDER BY (refine_owner IS NOT NULL), capture_time_us LIMIT ?", (PREVIEW, 8 * limit)).fetchall()
+            taken = []
+            for row in rows:
+                owner = row["refine_owner"]
+                if owner is not None and owner != instance and self._owner_alive(owner, now):
+                    continue
+                self._db.execute("UPDATE frames SET refine_owner = ? WHERE device_id = ? AND sequence = ?",
+                                 (instance, row["device_id"], row["sequence"]))
+                taken.append((row["device_id"], int(row["sequence"])))
+                if len(taken) >= limit:
+                    break
         return taken
 
     def release_refinement(self, device_id: str, sequence: int, instance: str) -> None:
@@ -412,13 +401,13 @@ class FrameStore:
             return self._db.execute("SELECT COUNT(*) FROM frames WHERE state = 'stored'").fetchone()[0]
 
 
-def encode_png_bytes(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=3)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 

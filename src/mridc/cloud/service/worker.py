@@ -31,7 +31,7 @@ from mridc.v1 import mridc_pb2
 from .config import ServiceConfig
 from .metrics import ServiceMetrics
 from .ratelimit import DeviceRateLimiter
-from .store import BUSY, DUPLICATE, FINAL, PREVIEW, ClaimLost, FrameStore, StoredFrame
+from .store import BUSY, DUPLICATE, FINAL, PREVIEW, ClaimLost, FrameStore, StoredFrame, encode_png
 from .validation import FrameRejected, Limits, ValidFrame, validate_envelope
 
 log = logging.getLogger("mridc.cloud.service")
@@ -61,16 +61,6 @@ def load_decoder(spec: str, models_dir=None, device: str = "cpu", backend: str =
         raise ValueError(f"decoder must be 'mridc' or 'module:factory', got {spec!r}")
     factory = getattr(importlib.import_module(module_name), attr)
     return factory(models_dir=models_dir, device=device)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
 
 
 @dataclass
