@@ -39,6 +39,7 @@ from mridc.cloud.zoo import ModelFileError, load_model, tokenizer_codebook
 from mridc.shared import protocol
 from mridc.shared.bitstream import TokenFrame, decompress
 from mridc.shared.entropy import TokenPrior
+from mridc.shared.slices import decompress_slices, is_sliced_file, unpack_slices
 from mridc.shared.zoo import default_models_dir, model_id_from_codebook
 
 
@@ -313,8 +314,14 @@ class MRIDCDecoder:
     def validate(self, bitstream: bytes) -> TokenFrame:
         """Parse and check a stream without decoding pixels: CRC, header sanity, model id, frame size.
 
+        A sliced frame (`pack_slices` container, as the datagram ingest assembles it) gives its rebuilt frame:
+        the rows of missing or bad slices are masked, for the token completion to fill.
         BitstreamError if malformed, FrameTooLarge if over `max_frame_pixels` (both are ValueErrors)."""
-        frame = decompress(bytes(bitstream), self.prior, model_id=self.model_id)
+        data = bytes(bitstream)
+        if is_sliced_file(data):
+            frame = decompress_slices(unpack_slices(data), self.prior, model_id=self.model_id).frame
+        else:
+            frame = decompress(data, self.prior, model_id=self.model_id)
         self.check_size(frame)
         return frame
 

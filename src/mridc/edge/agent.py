@@ -155,8 +155,16 @@ class EdgeAgent:
         window: int = 4,
         ack_timeout_s: float = 60.0,
         retry_later_s: float = 5.0,
+        slice_bytes: int = 0,
+        prior=None,
     ) -> None:
         self.device_id = device_id
+        # slice_bytes > 0: each frame is queued as slices of at most that size (mridc.shared.slices), which
+        # a datagram transport sends one per packet. `prior` is the entropy coder's (default: the encoder's).
+        self.slice_bytes = slice_bytes
+        self.prior = prior if prior is not None else getattr(encoder, "prior", None)
+        if slice_bytes and self.prior is None:
+            raise ValueError("slice_bytes needs the token prior: pass prior= or an encoder with .prior")
         self.encoder = encoder
         self.transport = transport
         self.queue = queue
@@ -169,7 +177,7 @@ class EdgeAgent:
         self.forwarder = Forwarder(queue, transport, window=window, ack_timeout_s=ack_timeout_s,
                                    retry_later_s=retry_later_s)
         self.stats = {"captured": 0, "accepted": 0, "refused": 0, "dropped_oldest": 0, "encode_errors": 0,
-                      "bpp_lowered": 0}
+                      "bpp_lowered": 0, "slices": 0}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.accepted_sequences: list[int] = []  # this run's accepted frames, in order (for tests/reports)
@@ -237,7 +245,20 @@ class EdgeAgent:
         token_frame = getattr(result, "token_frame", None)
         model_id = int(getattr(token_frame, "model_id", 0) or 0)
         meta = {"bpp": f"{getattr(result, 'bpp', 0.0):.5f}", "target_bpp": f"{self.current_bpp:.5f}"}
-        put = self.queue.put(result.bitstream, capture_time_us=capture_time_us, model_id=model_id, meta=meta)
+        bitstream = result.bitstream
+        if self.slice_bytes:
+            from mridc.shared.slices import compress_sliced, pack_slices
+
+            try:
+                slices = compress_sliced(token_frame, self.prior, self.slice_bytes)
+            except ValueError as exc:  # one token row does not fit: send the frame whole rather than not at all
+                log.warning("%s: cannot slice at %d bytes (%s); sending the frame whole", self.device_id,
+                            self.slice_bytes, exc)
+            else:
+                bitstream = pack_slices(slices)
+                meta["slices"] = str(len(slices))
+                self.stats["slices"] += len(slices)
+        put = self.queue.put(bitstream, capture_time_us=capture_time_us, model_id=model_id, meta=meta)
         if put.accepted:
             self.stats["accepted"] += 1
             self.accepted_sequences.append(put.sequence)
@@ -303,6 +324,8 @@ def build_transport(config) -> Transport:
     options = {"keepalive_s": t.keepalive_s, "backoff": backoff}
     if t.url.startswith("mqtt"):
         options["session_expiry_s"] = t.session_expiry_s
+    elif t.url.startswith("coap"):
+        options = {"mtu": t.mtu, "retransmit": t.retransmit, "deadline_s": t.deadline_s}
     else:
         options["connect_deadline_s"] = t.connect_deadline_s
     return open_transport(t.url, config.device.id, username=t.username or None, password=config.password(),
@@ -319,11 +342,14 @@ def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None
                              max_frames=max_frames)
     queue = FrameQueue(config.queue_path(), config.device.id, max_frames=config.queue.max_frames,
                        max_bytes=int(config.queue.max_mb * 1024 * 1024), policy=config.queue.policy)
+    transport = build_transport(config)
+    # Over a datagram link every frame goes as slices that fit one datagram, unless the config sets a size.
+    slice_bytes = config.encoder.slice_bytes or getattr(transport, "max_slice_bytes", 0)
     return EdgeAgent(
-        device_id=config.device.id, encoder=encoder, transport=build_transport(config), queue=queue, source=source,
+        device_id=config.device.id, encoder=encoder, transport=transport, queue=queue, source=source,
         bpp=config.encoder.bpp, min_bpp=config.encoder.min_bpp,
         rois=[(r.x, r.y, r.w, r.h) for r in config.encoder.rois], heartbeat_s=config.status.heartbeat_s,
-        window=config.transport.window, ack_timeout_s=config.transport.ack_timeout_s,
+        window=config.transport.window, ack_timeout_s=config.transport.ack_timeout_s, slice_bytes=slice_bytes,
     )
 
 

@@ -160,7 +160,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="device TOML config (docs/deploy-edge.md)")
     parser.add_argument("--source", help="camera:INDEX, VIDEO_FILE or IMAGE_DIR [source.uri]")
     parser.add_argument("--transport", metavar="URL",
-                        help="mqtt://HOST:PORT, mqtts://..., grpc://HOST:PORT or grpcs://... [transport.url]")
+                        help="mqtt://HOST:PORT, mqtts://..., grpc://HOST:PORT, grpcs://... or coap://HOST:PORT "
+                             "(datagram links: frames go as slices, one per UDP datagram) [transport.url]")
     parser.add_argument("--device-id", help="device id, [A-Za-z0-9_-]{1,64} [device.id]")
     parser.add_argument("--bpp", type=float, help="target bits per pixel [encoder.bpp]")
     parser.add_argument("--fps", type=float, help="frames per second taken from the source, 0 = unpaced [source.fps]")
@@ -173,10 +174,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to do when the queue is full [queue.policy]")
     parser.add_argument("--username", help="MQTT user name [transport.username]")
     parser.add_argument("--password-file", help="file holding the MQTT password [transport.password_file]")
-    parser.add_argument("--token-file", help="file holding the gRPC bearer token [transport.token_file]")
+    parser.add_argument("--token-file", help="file holding the device token: the gRPC bearer token, or the key "
+                        "that signs CoAP datagrams [transport.token_file]")
     parser.add_argument("--ca-file", help="CA certificate for TLS URLs [transport.ca_file]")
     parser.add_argument("--cert-file", help="client certificate for mutual TLS [transport.cert_file]")
     parser.add_argument("--key-file", help="client key for mutual TLS [transport.key_file]")
+    parser.add_argument("--slice-bytes", type=int, metavar="N",
+                        help="cut each frame into slices of at most N bytes that decode alone; a lost one costs a "
+                             "band of tokens, not the frame. Default over coap://: what fits --mtu, else whole "
+                             "frames [encoder.slice_bytes]")
+    parser.add_argument("--mtu", type=int, help="coap://: largest datagram the link carries, e.g. 222 for LoRaWAN "
+                        "(default 1152) [transport.mtu]")
+    parser.add_argument("--no-retransmit", dest="retransmit", action="store_false", default=None,
+                        help="coap://: send every slice once and never again; the cloud decodes what arrived "
+                             "[transport.retransmit = false]")
+    parser.add_argument("--deadline", type=float, metavar="S", dest="deadline_s",
+                        help="coap://: the cloud decodes a frame S seconds after its first slice with what came; "
+                             "later slices refine it (default 5) [transport.deadline_s]")
     parser.add_argument("--max-frames", type=int, help="stop after capturing this many frames")
     parser.add_argument("--drain-timeout", type=float, default=None, metavar="S",
                         help="when the source ends, wait up to S seconds until the cloud has acknowledged every "
@@ -194,6 +208,8 @@ _OVERRIDES = {
     "username": ("transport", "username"), "password_file": ("transport", "password_file"),
     "token_file": ("transport", "token_file"), "ca_file": ("transport", "ca_file"),
     "cert_file": ("transport", "cert_file"), "key_file": ("transport", "key_file"),
+    "slice_bytes": ("encoder", "slice_bytes"), "mtu": ("transport", "mtu"), "retransmit": ("transport", "retransmit"),
+    "deadline_s": ("transport", "deadline_s"),
 }
 
 
@@ -272,7 +288,8 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="capture, encode, queue and send frames", formatter_class=HelpFormatter,
                        description="The camera agent: frames from a camera, video or image folder are encoded, stored "
-                                   "in a durable queue and sent over MQTT or gRPC until the cloud acknowledges them.")
+                                   "in a durable queue and sent over MQTT, gRPC or CoAP until the cloud acknowledges "
+                                   "them.")
     add_run_arguments(p)
     p.set_defaults(func=run_from_args)
 

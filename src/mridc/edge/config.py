@@ -61,15 +61,18 @@ class EncoderSection:
     backend: str = "onnx"  # onnx | litert | torch
     models_dir: str = ""  # empty: the packaged models (or $MRIDC_MODELS)
     rois: list[Roi] = field(default_factory=list)  # regions kept at higher fidelity, pixels
+    # Cut each frame into slices of at most this many bytes that decode alone (lossy datagram links). 0: whole
+    # frames, except over coap://, where the default is what fits the transport's MTU.
+    slice_bytes: int = 0
 
 
 @dataclass
 class TransportSection:
-    url: str = ""  # mqtt://, mqtts://, grpc://, grpcs:// HOST:PORT
+    url: str = ""  # mqtt://, mqtts://, grpc://, grpcs://, coap:// HOST:PORT
     username: str = ""  # MQTT user name (default: none)
     password: str = ""  # MQTT password; prefer password_file
     password_file: str = ""
-    token: str = ""  # gRPC per-device bearer token; prefer token_file
+    token: str = ""  # gRPC bearer token / CoAP datagram key (per device); prefer token_file
     token_file: str = ""
     ca_file: str = ""  # CA that signed the server certificate (TLS URLs)
     cert_file: str = ""  # client certificate (mutual TLS), optional
@@ -81,6 +84,11 @@ class TransportSection:
     window: int = 4  # frames in flight without an ack
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
+    # CoAP (datagram links): the largest datagram the link carries, whether missing slices are sent again,
+    # and how long the cloud waits for a frame's slices before it decodes what came.
+    mtu: int = 1152
+    retransmit: bool = True
+    deadline_s: float = 5.0
 
 
 @dataclass
@@ -127,9 +135,18 @@ class DeviceConfig:
         if not self.transport.url:
             raise ConfigError("transport.url is required, e.g. mqtt://127.0.0.1:1883 (or pass --transport)")
         scheme = self.transport.url.split("://", 1)[0].lower() if "://" in self.transport.url else ""
-        if scheme not in ("mqtt", "mqtts", "grpc", "grpcs"):
-            raise ConfigError(f"transport.url {self.transport.url!r} must start with mqtt://, mqtts://, grpc:// "
-                              "or grpcs://")
+        if scheme not in ("mqtt", "mqtts", "grpc", "grpcs", "coap"):
+            raise ConfigError(f"transport.url {self.transport.url!r} must start with mqtt://, mqtts://, grpc://, "
+                              "grpcs:// or coap://")
+        from mridc.shared.slices import MAX_SLICE_BYTES, MIN_SLICE_BYTES
+
+        if self.encoder.slice_bytes and not MIN_SLICE_BYTES <= self.encoder.slice_bytes <= MAX_SLICE_BYTES:
+            raise ConfigError(f"encoder.slice_bytes must be 0 or in [{MIN_SLICE_BYTES}, {MAX_SLICE_BYTES}], got "
+                              f"{self.encoder.slice_bytes}")
+        if not 64 <= self.transport.mtu <= 65_507:
+            raise ConfigError(f"transport.mtu must be in [64, 65507], got {self.transport.mtu}")
+        if not 0 < self.transport.deadline_s <= 3600:
+            raise ConfigError(f"transport.deadline_s must be in (0, 3600], got {self.transport.deadline_s}")
         if self.queue.policy not in POLICIES:
             raise ConfigError(f"queue.policy {self.queue.policy!r} must be one of {', '.join(POLICIES)}")
         if self.encoder.backend not in ("onnx", "litert", "torch"):

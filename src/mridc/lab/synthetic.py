@@ -115,6 +115,11 @@ class TokenPaintDecoder:
         self.delay_s = delay_s
 
     def validate(self, bitstream: bytes) -> TokenFrame:
+        """A stream, or a sliced frame (`pack_slices`: missing rows masked), as MRIDCDecoder.validate takes them."""
+        from mridc.shared.slices import decompress_slices, is_sliced_file, unpack_slices
+
+        if is_sliced_file(bitstream):
+            return decompress_slices(unpack_slices(bitstream), SYNTHETIC_PRIOR, model_id=SYNTHETIC_MODEL_ID).frame
         return decompress(bitstream, SYNTHETIC_PRIOR, model_id=SYNTHETIC_MODEL_ID)
 
     def paint(self, frame: TokenFrame) -> np.ndarray:

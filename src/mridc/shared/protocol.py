@@ -176,6 +176,118 @@ def build_ack(device_id: str, sequence: int, status: int, reason: str = "") -> m
     return mridc_pb2.FrameAck(device_id=device_id, sequence=sequence, status=status, reason=reason)
 
 
+# -- datagram links (CoAP) -------------------------------------------------------------------------------
+# Over CoAP a frame travels as slices (`mridc.shared.slices`), one `SliceDatagram` each, sent non-confirmable
+# to COAP_SLICE_PATH with No-Response, so a lost one costs one band of tokens. The device asks what arrived
+# with a `SliceQuery` to COAP_QUERY_PATH; the `SliceReport` answer holds the received-slices bitmap and, once
+# the frame is stored, the ack status. Every message carries an 8-byte HMAC-SHA256 tag under the device key
+# (the SHA-256 of the device's token, which is what the cloud's token file holds), so the token itself never
+# crosses the link and a forged slice or report is dropped.
+COAP_SLICE_PATH = "s"
+COAP_QUERY_PATH = "q"
+COAP_DEFAULT_PORT = 5683
+MAC_BYTES = 8
+MAX_DATAGRAM_SLICES = 1024  # = mridc.shared.slices.MAX_SLICES (a frame has at most that many token rows)
+
+
+class DatagramError(ValueError):
+    """A datagram that is not a well-formed, correctly signed MRIDC message; `code` is a metric label."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def device_key(token: str) -> bytes:
+    """The MAC key of a device: the SHA-256 of its token (= the digest the cloud's token file stores)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _mac(message, key: bytes) -> bytes:
+    import hmac
+
+    unsigned = type(message)()
+    unsigned.CopyFrom(message)
+    unsigned.ClearField("mac")
+    return hmac.new(key, unsigned.SerializeToString(deterministic=True), hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def sign(message, key: bytes | None):
+    """Set ``message.mac`` (any of the three datagram messages); no key leaves it unsigned. Returns it."""
+    message.ClearField("mac")
+    if key is not None:
+        message.mac = _mac(message, key)
+    return message
+
+
+def verify(message, key: bytes | None) -> bool:
+    """Whether ``message.mac`` is right under ``key`` (no key: only an unsigned message passes)."""
+    import hmac
+
+    if key is None:
+        return not message.mac
+    return len(message.mac) == MAC_BYTES and hmac.compare_digest(message.mac, _mac(message, key))
+
+
+def parse_datagram(payload: bytes, kind, *, max_bytes: int):
+    """Parse one datagram as ``kind`` (``mridc_pb2.SliceDatagram``, ``SliceQuery`` or ``SliceReport``) and check
+    the fields that need no key; DatagramError (with a metric code) otherwise. The MAC is checked by the caller,
+    who knows the device's key."""
+    from google.protobuf.message import DecodeError
+
+    if len(payload) > max_bytes:
+        raise DatagramError("too_large", f"{len(payload)} bytes > limit {max_bytes}")
+    message = kind()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError as exc:
+        raise DatagramError("malformed", f"not a {kind.__name__}: {exc}") from None
+    if not is_valid_device_id(message.device_id):
+        raise DatagramError("bad_device_id", f"device_id {message.device_id[:80]!r} is not {DEVICE_ID_RULE}")
+    if message.sequence >= 2**63:
+        raise DatagramError("bad_sequence", f"sequence {message.sequence} >= 2**63")
+    if kind is mridc_pb2.SliceDatagram:
+        if not 1 <= message.slice_count <= MAX_DATAGRAM_SLICES:
+            raise DatagramError("bad_slice_count",
+                                f"slice_count {message.slice_count} not in [1, {MAX_DATAGRAM_SLICES}]")
+        if message.slice_index >= message.slice_count:
+            raise DatagramError("bad_slice_index", f"slice_index {message.slice_index} >= {message.slice_count}")
+        if not message.slice:
+            raise DatagramError("empty_slice", "no slice bytes")
+        if message.capture_time_us <= 0:
+            raise DatagramError("bad_capture_time", f"capture_time_us must be > 0, got {message.capture_time_us}")
+    return message
+
+
+def slice_bitmap(indexes: Iterable[int], count: int) -> bytes:
+    """Bit i (byte i // 8, least significant bit first) set for each held slice i < count."""
+    bits = bytearray((count + 7) // 8)
+    for i in indexes:
+        if 0 <= i < count:
+            bits[i // 8] |= 1 << (i % 8)
+    return bytes(bits)
+
+
+def bitmap_indexes(bitmap: bytes, count: int) -> set[int]:
+    return {i for i in range(min(count, 8 * len(bitmap))) if bitmap[i // 8] >> (i % 8) & 1}
+
+
+def frame_slices(bitstream: bytes) -> list[bytes]:
+    """What goes out as datagrams: a sliced frame's slices (a `pack_slices` container), else the whole stream."""
+    from mridc.shared.slices import is_sliced_file, unpack_slices
+
+    return unpack_slices(bitstream) if is_sliced_file(bitstream) else [bitstream]
+
+
+def join_slices(slices: list[bytes], count: int) -> bytes:
+    """The bitstream the cloud decodes from the slices it holds (in index order): a one-slice frame is its
+    stream as it is, a sliced frame a `pack_slices` container of what arrived."""
+    from mridc.shared.slices import is_slice, pack_slices
+
+    return slices[0] if count == 1 and not is_slice(slices[0]) else pack_slices(slices)
+
+
 # -- frame geometry ---------------------------------------------------------------------------------------
 # Full resolution: the frame is edge-padded up to a multiple of the stride, one token per stride x stride
 # cell. Scaled mode: the camera resizes the frame to exactly grid x stride pixels (Pillow BOX) and the cloud

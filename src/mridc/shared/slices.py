@@ -23,6 +23,7 @@ from mridc.shared.bitstream import (
     _CRC_BYTES,
     FLAG_RESAMPLED,
     FLAG_SLICED,
+    MAGIC,
     SECTION_MASK,
     SECTION_SLICE,
     SECTION_TOKENS_ADAPTIVE,
@@ -232,6 +233,11 @@ def pack_slices(slices: list[bytes]) -> bytes:
     for data in slices:
         out += write_varint(len(data)) + data
     return bytes(out)
+
+
+def is_slice(data: bytes) -> bool:
+    """Whether `data` looks like one slice (an MRD stream with the sliced flag); parse_slice checks the rest."""
+    return len(data) > len(MAGIC) + 1 and data[: len(MAGIC)] == MAGIC and bool(data[len(MAGIC) + 1] & FLAG_SLICED)
 
 
 def is_sliced_file(data: bytes) -> bool:

@@ -20,7 +20,8 @@ from .config import ConfigError, load_config
 
 # flag -> config field; every flag defaults to None so a config file's value wins unless the flag is given.
 _SERVE_FLAGS = {
-    "mqtt": "mqtt_url", "grpc": "grpc_addr", "out": "out_dir", "workers": "workers", "worker_id": "worker_id",
+    "mqtt": "mqtt_url", "grpc": "grpc_addr", "coap": "coap_addr", "coap_tokens": "coap_tokens",
+    "out": "out_dir", "workers": "workers", "worker_id": "worker_id",
     "metrics": "metrics_addr", "mqtt_username": "mqtt_username", "mqtt_password": "mqtt_password",
     "mqtt_ca": "mqtt_ca", "mqtt_cert": "mqtt_cert", "mqtt_key": "mqtt_key", "grpc_cert": "grpc_cert",
     "grpc_key": "grpc_key", "grpc_client_ca": "grpc_client_ca", "grpc_tokens": "grpc_tokens",
@@ -33,10 +34,17 @@ _SERVE_FLAGS = {
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.description = "Run the cloud ingest/decoder service (MQTT shared subscription and/or gRPC)."
+    parser.description = ("Run the cloud ingest/decoder service (MQTT shared subscription, gRPC and/or CoAP for "
+                          "datagram links).")
     parser.add_argument("--config", help="TOML config file (flags override it; see docs/deploy-cloud.md)")
     parser.add_argument("--mqtt", metavar="URL", help="broker: mqtt://HOST:PORT or mqtts://HOST:PORT")
     parser.add_argument("--grpc", metavar="ADDR", help="serve gRPC on HOST:PORT")
+    parser.add_argument("--coap", metavar="ADDR",
+                        help="serve CoAP on UDP HOST:PORT (5683 is CoAP's port): frames as slices from lossy "
+                             "datagram links; a frame is decoded when complete or at its deadline with what came, "
+                             "and again when late slices arrive")
+    parser.add_argument("--coap-tokens", help="per-device keys for CoAP (same format as --grpc-tokens, which is "
+                        "the default): each datagram carries an HMAC under the device key")
     parser.add_argument("--out", metavar="DIR", help="output store (PNGs, sidecars, index.sqlite)")
     parser.add_argument("--workers", type=int, help="worker processes on this machine (default 1)")
     parser.add_argument("--worker-id", help="unique id of this live worker (its MQTT client id and persistent "
@@ -52,7 +60,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--grpc-client-ca", help="require client certificates signed by this CA (mTLS)")
     parser.add_argument("--grpc-tokens", help="per-device token file (see security.write_token_file)")
     parser.add_argument("--insecure", action="store_true", default=None,
-                        help="allow gRPC without TLS and tokens (local tests only)")
+                        help="allow gRPC without TLS and tokens, and unsigned CoAP (local tests only)")
     parser.add_argument("--decoder", help="'mridc' (default) or 'package.module:factory'")
     parser.add_argument("--models", help="models folder (default: MRIDC_MODELS or the shipped models/)")
     parser.add_argument("--device", help="torch device for decoding: cpu (default) or cuda")

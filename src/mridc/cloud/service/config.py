@@ -48,7 +48,18 @@ class ServiceConfig:
     grpc_client_ca: Path | None = None  # set to require client certificates (mTLS)
     # Per-device gRPC tokens: TOML/JSON file {device_id = "sha256:<hex>" | "<plain token>"}.
     grpc_tokens: Path | None = None
-    allow_insecure: bool = False  # gRPC without TLS and tokens; for tests and local tools only
+    allow_insecure: bool = False  # gRPC without TLS and tokens, CoAP unsigned; for tests and local tools only
+    # CoAP ingest (datagram links: frames as slices over UDP). None disables it. HOST:PORT.
+    coap_addr: str | None = None
+    # Per-device keys for CoAP: the same file format as grpc_tokens (default: grpc_tokens itself). Every
+    # datagram carries an HMAC under the SHA-256 of the device's token.
+    coap_tokens: Path | None = None
+    coap_max_datagram_bytes: int = 1280  # larger datagrams are dropped and counted
+    coap_max_deadline_s: float = 60.0  # cap on the device's per-frame deadline (how long slices are awaited)
+    coap_datagram_rate: float = 50.0  # per device, per second (token bucket); 0 disables
+    coap_datagram_burst: int = 400
+    coap_max_pending_frames: int = 4096  # frames being gathered at once (oldest dropped beyond it)
+    coap_frame_ttl_s: float = 600.0  # how long a gathered frame's slices stay for late slices and queries
     # Prometheus metrics on HOST:PORT; None disables.
     metrics_addr: str | None = None
     # Processes: `workers` > 1 runs a supervisor with that many worker processes.
@@ -108,8 +119,25 @@ class ServiceConfig:
             raise ConfigError(f"mqtt_session_expiry_s must be >= 0, got {self.mqtt_session_expiry_s}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.worker_id):
             raise ConfigError(f"worker_id must be [A-Za-z0-9_.-]{{1,64}}, got {self.worker_id!r}")
-        if self.mqtt_url is None and self.grpc_addr is None:
-            raise ConfigError("nothing to ingest: set mqtt_url and/or grpc_addr")
+        if self.mqtt_url is None and self.grpc_addr is None and self.coap_addr is None:
+            raise ConfigError("nothing to ingest: set mqtt_url, grpc_addr and/or coap_addr")
+        if self.coap_addr is not None:
+            host, sep, port = self.coap_addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ConfigError(f"coap_addr must be HOST:PORT, got {self.coap_addr!r}")
+            if self.coap_tokens is None:
+                self.coap_tokens = self.grpc_tokens
+            if self.coap_tokens is None and not self.allow_insecure:
+                raise ConfigError("CoAP needs coap_tokens (per-device keys; grpc_tokens will do) unless "
+                                  "allow_insecure")
+            if self.workers > 1:
+                raise ConfigError("CoAP ingest runs in one worker process (it gathers each frame's slices in "
+                                  "memory); use workers = 1 with coap_addr")
+            for name in ("coap_max_datagram_bytes", "coap_max_pending_frames"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 0 < self.coap_max_deadline_s <= 3600 or self.coap_frame_ttl_s < self.coap_max_deadline_s:
+                raise ConfigError("coap_max_deadline_s must be in (0, 3600] and coap_frame_ttl_s >= it")
         if self.mqtt_url is not None:
             scheme = urlparse(self.mqtt_url).scheme
             if scheme not in ("mqtt", "mqtts"):
@@ -122,7 +150,7 @@ class ServiceConfig:
             if self.grpc_tokens is None:
                 raise ConfigError("gRPC needs grpc_tokens (per-device tokens) unless allow_insecure")
         for name in ("mqtt_ca", "mqtt_cert", "mqtt_key", "grpc_cert", "grpc_key", "grpc_client_ca",
-                     "grpc_tokens", "models_dir"):
+                     "grpc_tokens", "coap_tokens", "models_dir"):
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ConfigError(f"{name}: {path} does not exist")

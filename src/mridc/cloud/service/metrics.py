@@ -31,6 +31,14 @@ class ServiceMetrics:
         self.capture_to_refined_seconds = Histogram("mridc_capture_to_refined_seconds",
                                                     "Capture time to refined picture stored",
                                                     buckets=LATENCY_BUCKETS + (120, 300, 600), registry=r)
+        self.datagrams = Counter("mridc_datagrams", "CoAP datagrams, by kind (slice, query) and result "
+                                 "(accepted, duplicate, or the rejection reason)", ["kind", "result"], registry=r)
+        self.frames_partial = Counter("mridc_frames_partial", "CoAP frames decoded at their deadline with slices "
+                                      "missing", registry=r)
+        self.frames_updated = Counter("mridc_frames_updated", "Stored frames decoded again with late slices "
+                                      "(a new version)", registry=r)
+        self.gathering_frames = Gauge("mridc_coap_gathering_frames", "CoAP frames whose slices are held in memory",
+                                      registry=r)
         self.frames_busy = Counter("mridc_frames_busy", "Frames another live worker is decoding", registry=r)
         self.rate_limited = Counter("mridc_frames_rate_limited", "Frames refused by the per-device limit",
                                     registry=r)

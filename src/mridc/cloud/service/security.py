@@ -90,9 +90,11 @@ class TokenAuthority:
 
     def __init__(self, digests: Mapping[str, str]):
         self._device_by_digest: dict[str, str] = {}
+        self._digest_by_device: dict[str, str] = {}
         for device, value in digests.items():
             digest = value if value.startswith("sha256:") else token_digest(value)
             self._device_by_digest[digest] = device
+            self._digest_by_device[device] = digest
 
     @classmethod
     def from_file(cls, path: str | Path) -> TokenAuthority:
@@ -105,6 +107,13 @@ class TokenAuthority:
             return None
         # Looking up the SHA-256 of the token leaks nothing useful through timing about the stored digests.
         return self._device_by_digest.get(token_digest(token))
+
+
+    def key_for(self, device_id: str) -> bytes | None:
+        """The device's datagram MAC key (`mridc.shared.protocol.device_key`): the SHA-256 of its token, which
+        is exactly what the token file stores. None for a device the file does not name."""
+        digest = self._digest_by_device.get(device_id)
+        return None if digest is None else bytes.fromhex(digest.removeprefix("sha256:"))
 
 
 def bearer_token(metadata) -> str | None:

@@ -62,6 +62,7 @@ class Worker:
                                      instance=f"{config.worker_id}:{os.getpid()}:{time.time_ns()}")
         self.mqtt = None
         self.grpc = None
+        self.coap = None
         self.metrics_port: int | None = None
 
     def start(self) -> dict:
@@ -73,6 +74,11 @@ class Worker:
 
             self.grpc = GrpcIngest(self.config, self.service)
             self.grpc.start()
+        if self.config.coap_addr:
+            from .ingest_coap import CoapIngest
+
+            self.coap = CoapIngest(self.config, self.service)
+            self.coap.start()
         if self.config.mqtt_url:
             from .ingest_mqtt import MqttIngest
 
@@ -81,12 +87,15 @@ class Worker:
             if not self.mqtt.subscribed.wait(15):
                 log.warning("mqtt not subscribed after 15 s; still retrying")
         return {"event": "ready", "worker_id": self.config.worker_id, "pid": os.getpid(),
-                "grpc_port": self.grpc.port if self.grpc else None, "metrics_port": self.metrics_port,
+                "grpc_port": self.grpc.port if self.grpc else None, "coap_port": self.coap.port if self.coap else None,
+                "metrics_port": self.metrics_port,
                 "mqtt_subscribed": bool(self.mqtt and self.mqtt.subscribed.is_set())}
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         if self.grpc:
             self.grpc.stop(grace=2.0)
+        if self.coap:
+            self.coap.stop()  # slices still being gathered are the devices' to send again
         if self.mqtt:
             # Stop taking new frames, finish the queue while still connected (so its acks go out). Frames
             # that arrive meanwhile stay unacked in the persistent session for this worker's next start.

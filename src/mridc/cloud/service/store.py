@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS frames (
     stage TEXT,
     refine_owner TEXT,
     refined_at REAL,
+    slices_held INTEGER,
+    slice_count INTEGER,
     PRIMARY KEY (device_id, sequence)
 );
 CREATE INDEX IF NOT EXISTS frames_by_time ON frames (device_id, capture_time_us);
@@ -124,6 +126,9 @@ class StoredFrame:
     stage: str = FINAL
     versions: dict = field(default_factory=dict)
     bitstream_path: str = ""  # the MRD stream as received, kept so that a refinement can run anywhere later
+    # A frame that came as slices over a datagram link: {"held": [slice indexes decoded], "count": n}. Empty
+    # for a frame that came whole. A later version with more slices replaces the picture (`versions.updates`).
+    slices: dict = field(default_factory=dict)
 
 
 def frame_basename(device_id: str, sequence: int) -> str:
@@ -151,7 +156,8 @@ class FrameStore:
             if "machine" not in columns:  # an index written before instances recorded their machine
                 self._db.execute("ALTER TABLE instances ADD COLUMN machine TEXT")
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(frames)")}
-            for name, kind in (("stage", "TEXT"), ("refine_owner", "TEXT"), ("refined_at", "REAL")):
+            for name, kind in (("stage", "TEXT"), ("refine_owner", "TEXT"), ("refined_at", "REAL"),
+                               ("slices_held", "INTEGER"), ("slice_count", "INTEGER")):
                 if name not in columns:  # an index from before progressive delivery: its frames are final
                     self._db.execute(f"ALTER TABLE frames ADD COLUMN {name} {kind}")
 
@@ -244,13 +250,58 @@ class FrameStore:
         return row is not None and row["state"] == "claimed" and row["owner"] == instance
 
     def put(self, record: StoredFrame, image: np.ndarray | None = None, png: bytes | None = None,
-            instance: str | None = None, bitstream: bytes | None = None) -> StoredFrame:
+            instance: str | None = None, bitstream: bytes | None = None, update: bool = False) -> StoredFrame:
         """Write PNG (+ the MRD stream) and sidecar, then mark the index row stored. With `instance`, only
         while that instance still holds the claim (else ClaimLost: another worker stored it or took the claim
-        over). A `preview` record also keeps its PNG as `NAME.preview.png`, which its refinement leaves alone."""
+        over). A `preview` record also keeps its PNG as `NAME.preview.png`, which its refinement leaves alone.
+
+        `update`: replace a stored frame that was decoded from fewer slices (`record.slices` holds more); no
+        claim is involved, and ClaimLost when the stored version already holds as many slices."""
+        png = png if png is not None else encode_png(image)
+        if update:
+            return self._put_update(record, png, bitstream)
         if instance is not None and not self.owns_claim(record.device_id, record.sequence, instance):
             raise ClaimLost(f"{record.device_id}/{record.sequence}: claim no longer held by {instance}")
-        png = png if png is not None else encode_png(image)
+        self._write_files(record, png, bitstream)
+        with self._transaction():
+            if instance is not None:
+                row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
+                                       (record.device_id, record.sequence)).fetchone()
+                if row is None or row["state"] != "claimed" or row["owner"] != instance:
+                    raise ClaimLost(f"{record.device_id}/{record.sequence}: stored or taken over meanwhile")
+            self._write_stored_row(record)
+        return record
+
+    def _put_update(self, record: StoredFrame, png: bytes, bitstream: bytes | None) -> StoredFrame:
+        held = len(record.slices.get("held", ()))
+        # Files are written inside the transaction: its write lock (across processes) keeps two updaters of
+        # one frame from interleaving their files, and the most complete version wins.
+        with self._transaction():
+            row = self._db.execute("SELECT state, slices_held FROM frames WHERE device_id = ? AND sequence = ?",
+                                   (record.device_id, record.sequence)).fetchone()
+            if row is None or row["state"] != "stored":
+                raise ClaimLost(f"{record.device_id}/{record.sequence}: not stored, nothing to update")
+            if row["slices_held"] is None or row["slices_held"] >= held:
+                raise ClaimLost(f"{record.device_id}/{record.sequence}: the stored version holds as many slices")
+            old = self.load_record(record.device_id, record.sequence)
+            history = list(old.versions.get("updates", ()))
+            history.append({"slices_held": len(old.slices.get("held", ())), "content_sha256": old.content_sha256,
+                            "bytes": old.bytes, "stored_at": old.stored_at, "worker_id": old.worker_id})
+            record.versions = {"updates": history}
+            self._write_files(record, png, bitstream)
+            self._write_stored_row(record)
+        return record
+
+    def stored_slices(self, device_id: str, sequence: int) -> tuple[int, int] | None:
+        """(slices held, slice count) of a stored frame, (1, 1) for one that came whole; None if not stored."""
+        with self._lock:
+            row = self._db.execute("SELECT state, slices_held, slice_count FROM frames WHERE device_id = ? AND "
+                                   "sequence = ?", (device_id, sequence)).fetchone()
+        if row is None or row["state"] != "stored":
+            return None
+        return (1, 1) if row["slices_held"] is None else (int(row["slices_held"]), int(row["slice_count"]))
+
+    def _write_files(self, record: StoredFrame, png: bytes, bitstream: bytes | None) -> None:
         png_path, sidecar_path = self.paths_for(record.device_id, record.sequence)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         if bitstream is not None:
@@ -267,14 +318,6 @@ class FrameStore:
         record.png_path = str(png_path.relative_to(self.out_dir))
         record.sidecar_path = str(sidecar_path.relative_to(self.out_dir))
         _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
-        with self._transaction():
-            if instance is not None:
-                row = self._db.execute("SELECT state, owner FROM frames WHERE device_id = ? AND sequence = ?",
-                                       (record.device_id, record.sequence)).fetchone()
-                if row is None or row["state"] != "claimed" or row["owner"] != instance:
-                    raise ClaimLost(f"{record.device_id}/{record.sequence}: stored or taken over meanwhile")
-            self._write_stored_row(record)
-        return record
 
     # -- progressive delivery: refinement of stored previews -------------------------------------------
     def claim_refinement(self, instance: str, limit: int = 1) -> list[tuple[str, int]]:
@@ -322,30 +365,24 @@ class FrameStore:
         return self.paths_for(device_id, sequence)[0].with_suffix(".mrd").read_bytes()
 
     def put_refined(self, device_id: str, sequence: int, instance: str, png: bytes, decode: dict) -> StoredFrame:
-        """Replace a preview's picture with its refinement (only while `instance` holds the refinement)."""
-        if not self._owns_refinement(device_id, sequence, instance):
-            raise ClaimLost(f"{device_id}/{sequence}: refinement no longer held by {instance}")
-        record = self.load_record(device_id, sequence)
+        """Replace a preview's picture with its refinement (only while `instance` holds the refinement). The
+        check and the writes share one transaction, so a refinement of a version that a late-slice update
+        replaced meanwhile writes nothing."""
         png_path, sidecar_path = self.paths_for(device_id, sequence)
-        _atomic_write(png_path, png)
-        now = time.time()
-        record.stage = REFINED
-        record.versions[REFINED] = {"png_path": record.png_path, "stored_at": now, "decode": dict(decode)}
-        _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE frames SET stage = ?, refined_at = ?, refine_owner = NULL WHERE device_id = ? AND "
-                "sequence = ? AND stage = ? AND refine_owner = ?", (REFINED, now, device_id, sequence, PREVIEW,
-                                                                     instance))
-        if cursor.rowcount != 1:
-            raise ClaimLost(f"{device_id}/{sequence}: refined by another worker meanwhile")
-        return record
-
-    def _owns_refinement(self, device_id: str, sequence: int, instance: str) -> bool:
-        with self._lock:
+        with self._transaction():
             row = self._db.execute("SELECT stage, refine_owner FROM frames WHERE device_id = ? AND sequence = ?",
                                    (device_id, sequence)).fetchone()
-        return row is not None and row["stage"] == PREVIEW and row["refine_owner"] == instance
+            if row is None or row["stage"] != PREVIEW or row["refine_owner"] != instance:
+                raise ClaimLost(f"{device_id}/{sequence}: refinement no longer held by {instance}")
+            record = self.load_record(device_id, sequence)
+            _atomic_write(png_path, png)
+            now = time.time()
+            record.stage = REFINED
+            record.versions[REFINED] = {"png_path": record.png_path, "stored_at": now, "decode": dict(decode)}
+            _atomic_write(sidecar_path, (json.dumps(sidecar_dict(record), indent=2) + "\n").encode())
+            self._db.execute("UPDATE frames SET stage = ?, refined_at = ?, refine_owner = NULL WHERE device_id = ? "
+                             "AND sequence = ?", (REFINED, now, device_id, sequence))
+        return record
 
     def refinement_backlog(self) -> int:
         with self._lock:
@@ -355,17 +392,19 @@ class FrameStore:
     def _write_stored_row(self, record: StoredFrame) -> None:
         self._db.execute(
             "INSERT INTO frames (device_id, sequence, state, owner, capture_time_us, stored_at, png_path, "
-            "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id, stage) "
-            "VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "sidecar_path, bytes, bpp, width, height, model_id, transport, worker_id, stage, slices_held, "
+            "slice_count) VALUES (?, ?, 'stored', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (device_id, sequence) DO UPDATE SET state = 'stored', owner = NULL, "
             "capture_time_us = excluded.capture_time_us, stored_at = excluded.stored_at, "
             "png_path = excluded.png_path, sidecar_path = excluded.sidecar_path, bytes = excluded.bytes, "
             "bpp = excluded.bpp, width = excluded.width, height = excluded.height, "
             "model_id = excluded.model_id, transport = excluded.transport, worker_id = excluded.worker_id, "
-            "stage = excluded.stage",
+            "stage = excluded.stage, slices_held = excluded.slices_held, slice_count = excluded.slice_count, "
+            "refine_owner = NULL, refined_at = NULL",
             (record.device_id, record.sequence, record.capture_time_us, record.stored_at, record.png_path,
              record.sidecar_path, record.bytes, record.bpp, record.width, record.height, record.model_id,
-             record.transport, record.worker_id, record.stage))
+             record.transport, record.worker_id, record.stage,
+             len(record.slices["held"]) if record.slices else None, record.slices.get("count")))
 
     def is_stored(self, device_id: str, sequence: int) -> bool:
         with self._lock:

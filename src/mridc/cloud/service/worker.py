@@ -69,6 +69,8 @@ class DecodeJob:
     transport: str
     received_mono: float
     callbacks: list[AckCallback] = field(default_factory=list)
+    slices: tuple[list[int], int] | None = None  # (slice indexes held, slice count) of a frame that came sliced
+    update: bool = False  # replaces a stored version decoded from fewer slices
 
     @property
     def key(self) -> tuple[str, int]:
@@ -181,7 +183,11 @@ class DecodeService:
     # -- admission ---------------------------------------------------------------------------------------
     def submit(self, envelope: mridc_pb2.FrameEnvelope, transport: str, done: AckCallback, *,
                topic_device: str | None = None, authenticated_device: str | None = None,
-               payload_bytes: int | None = None, wait: float | None = None) -> None:
+               payload_bytes: int | None = None, wait: float | None = None,
+               slices: tuple[list[int], int] | None = None, update: bool = False) -> None:
+        """Admit one frame. `slices` (datagram ingest): which slices of the frame its bitstream holds. `update`:
+        the frame is stored already, decoded from fewer slices; this version replaces it (no claim: the store
+        keeps whichever version holds the most slices)."""
         self.metrics.frames_in.labels(transport).inc()
         device, sequence = envelope.device_id, envelope.sequence
         ack_device = topic_device or authenticated_device or device
@@ -194,34 +200,56 @@ class DecodeService:
             return
         self.metrics.device_bytes.labels(device).inc(len(envelope.bitstream))
         key = (device, sequence)
+        if update:
+            stored = self.store.stored_slices(device, sequence)
+            if stored is None:
+                update = False  # not stored (any more): an ordinary first decode
+            elif slices is None or stored[0] >= len(slices[0]):
+                self.metrics.frames_duplicate.inc()
+                done(make_ack(device, sequence, Ack.DUPLICATE, "a version with as many slices is stored"))
+                return
         with self._inflight_lock:
             job = self._inflight.get(key)
             if job is not None:  # the same frame again while this worker is still decoding it
                 job.callbacks.append(done)
                 return
-            claim = self.store.claim(device, sequence, self.instance)
-            if claim == DUPLICATE:
-                self.metrics.frames_duplicate.inc()
-                done(make_ack(device, sequence, Ack.DUPLICATE, "already stored"))
-                return
-            if claim == BUSY:
-                self.metrics.frames_busy.inc()
-                done(make_ack(device, sequence, Ack.RETRY_LATER, "being decoded by another worker"))
-                return
-            if not self.rate_limiter.allow(device):
-                self.store.release(device, sequence, self.instance)
-                self.metrics.rate_limited.inc()
-                done(make_ack(device, sequence, Ack.RETRY_LATER, "rate limited"))
-                return
-            job = DecodeJob(frame, transport, time.monotonic(), [done])
-            self._inflight[key] = job
+            if update:
+                job = DecodeJob(frame, transport, time.monotonic(), [done], slices, update=True)
+                self._inflight[key] = job
+            else:
+                job = self._claim_job(frame, transport, done, slices)
+                if job is None:
+                    return
         if not self.queue.put(job, wait=wait):
             with self._inflight_lock:
                 self._inflight.pop(key, None)
-                self.store.release(device, sequence, self.instance)
+                if not job.update:
+                    self.store.release(device, sequence, self.instance)
             self._finish(job, make_ack(device, sequence, Ack.RETRY_LATER, "decode queue full"))
             return
         self.metrics.queue_depth.set(len(self.queue))
+
+    def _claim_job(self, frame: ValidFrame, transport: str, done: AckCallback,
+                   slices: tuple[list[int], int] | None) -> DecodeJob | None:
+        """Claim a first decode in the shared index (under the in-flight lock); None when answered already."""
+        device, sequence = frame.envelope.device_id, frame.envelope.sequence
+        claim = self.store.claim(device, sequence, self.instance)
+        if claim == DUPLICATE:
+            self.metrics.frames_duplicate.inc()
+            done(make_ack(device, sequence, Ack.DUPLICATE, "already stored"))
+            return None
+        if claim == BUSY:
+            self.metrics.frames_busy.inc()
+            done(make_ack(device, sequence, Ack.RETRY_LATER, "being decoded by another worker"))
+            return None
+        if not self.rate_limiter.allow(device):
+            self.store.release(device, sequence, self.instance)
+            self.metrics.rate_limited.inc()
+            done(make_ack(device, sequence, Ack.RETRY_LATER, "rate limited"))
+            return None
+        job = DecodeJob(frame, transport, time.monotonic(), [done], slices)
+        self._inflight[(device, sequence)] = job
+        return job
 
     def _reject(self, device: str, sequence: int, exc: FrameRejected, done: AckCallback, transport: str) -> None:
         self.metrics.frames_rejected.labels(exc.code).inc()
@@ -373,7 +401,8 @@ class DecodeService:
             try:
                 record = self._store(job, image, start, decode_s, len(batch))
             except ClaimLost as exc:
-                # Another instance took the claim over (this one looked dead) and stored it first.
+                # Another instance took the claim over (this one looked dead) and stored it first; or, for an
+                # update, a version with as many slices was stored meanwhile.
                 self.metrics.decodes_discarded.inc()
                 log.warning("decode discarded", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
                                                                   "reason": str(exc)}})
@@ -387,12 +416,14 @@ class DecodeService:
                 continue
             self.decoded_count += 1
             self.metrics.frames_stored.labels(job.transport).inc()
+            if job.update:
+                self.metrics.frames_updated.inc()
             self.metrics.end_to_end_seconds.observe(max(0.0, record.stored_at - env.capture_time_us / 1e6))
             log.info("frame stored", extra={"fields": {"device": env.device_id, "sequence": env.sequence,
                                                        "bytes": record.bytes, "bpp": round(record.bpp, 5),
                                                        "decode_s": round(decode_s, 4), "batch": len(batch),
                                                        "transport": job.transport, "stage": record.stage,
-                                                       "worker_id": self.config.worker_id}})
+                                                       "update": job.update, "worker_id": self.config.worker_id}})
             self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED))
             self._announce(record)
             if record.stage == PREVIEW:
@@ -411,10 +442,13 @@ class DecodeService:
             content_sha256=hashlib.sha256(env.bitstream).hexdigest(),
             timings={"queue_s": round(start - job.received_mono, 6), "decode_batch_s": round(decode_s, 6),
                      "batch_size": batch},
+            slices={"held": sorted(job.slices[0]), "count": job.slices[1]} if job.slices else {},
         )
         self.metrics.queue_seconds.observe(start - job.received_mono)
         png = encode_png(image)
         record.timings["png_encode_s"] = round(time.monotonic() - store_start, 6)
-        record = self.store.put(record, png=png, instance=self.instance,
-                                bitstream=env.bitstream if self.progressive else None)
+        # The stream is kept for a refinement, and for a sliced frame so that late slices can join it later.
+        keep = self.progressive or job.slices is not None
+        record = self.store.put(record, png=png, instance=None if job.update else self.instance,
+                                bitstream=env.bitstream if keep else None, update=job.update)
         return record

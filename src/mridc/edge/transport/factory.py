@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from mridc.edge.transport.base import TlsFiles, Transport, TransportError
 
-SCHEMES = ("mqtt", "mqtts", "grpc", "grpcs")
+SCHEMES = ("mqtt", "mqtts", "grpc", "grpcs", "coap")
 
 
 def open_transport(
@@ -20,7 +20,7 @@ def open_transport(
     tls: TlsFiles | None = None,
     **options,
 ) -> Transport:
-    """Build the transport for ``url`` (``mqtt[s]://HOST:PORT`` or ``grpc[s]://HOST:PORT``).
+    """Build the transport for ``url`` (``mqtt[s]://HOST:PORT``, ``grpc[s]://HOST:PORT`` or ``coap://HOST:PORT``).
 
     ``options`` go to the implementation (``keepalive_s``, ``session_expiry_s``, ``deadline_s``,
     ``backoff``...). A ``...s://`` scheme turns TLS on with the system CA store unless ``tls``
@@ -32,6 +32,15 @@ def open_transport(
         raise TransportError(f"transport URL {url!r}: scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
     if not parts.hostname:
         raise TransportError(f"transport URL {url!r} has no host (expected e.g. {scheme}://127.0.0.1:1883)")
+    if scheme == "coap":
+        if tls is not None and (tls.ca_file or tls.cert_file):
+            raise TransportError("coap:// has no TLS here: datagrams are signed with the device token instead")
+        from mridc.edge.transport.coap import CoapTransport
+
+        allowed = ("retransmit", "deadline_s", "resend_window_s", "query_interval_s", "query_timeout_s",
+                   "give_up_s", "mtu", "pace_s")
+        return CoapTransport(parts.hostname, parts.port or 5683, device_id, token=token,
+                             **{k: v for k, v in options.items() if k in allowed})
     secure = scheme.endswith("s")
     if secure and tls is None:
         tls = TlsFiles()
