@@ -55,6 +55,11 @@ def datagram_overhead(device_id: str) -> int:
     return probe.ByteSize() - 1000 + COAP_HEADER_BYTES
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class CoapTransport(Transport):
     scheme = "coap"
 
@@ -186,7 +191,9 @@ class CoapTransport(Transport):
                                   transport_tuning=aiocoap.Unreliable)
         if no_response:
             message.opt.no_response = 26  # RFC 7967: suppress 2.xx, 4.xx and 5.xx answers
-        return self._context.request(message, handle_blockwise=False)
+        request = self._context.request(message, handle_blockwise=False)
+        request.response.add_done_callback(_retrieve)  # an exchange still open at close() ends in an error
+        return request
 
     async def _send_slices(self, datagrams: list[bytes]) -> None:
         loop = asyncio.get_running_loop()
