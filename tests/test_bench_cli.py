@@ -137,13 +137,18 @@ def test_loss_bench_tiny_run(tmp_path):
     Image.fromarray(np.stack([img, img[::-1], img[:, ::-1]], 2)).save(folder / "a.png")
     out = tmp_path / "out"
     rc = cli.main(["loss", "--out", str(out), "--images", str(folder), "--size", "384x256", "--bpp", "0.05",
-                   "--packet-bytes", "96", "--losses", "0,0.4", "--retransmit", "0,4", "--trials", "1"])
+                   "--packet-bytes", "160", "--losses", "0,0.4", "--retransmit", "0,4", "--trials", "1",
+                   "--deadline", "1"])
     assert rc == 0
     doc = json.loads((out / "loss.json").read_text())
     by = {(s["retransmit"], s["loss"], s["variant"]): s for s in doc["summary"]}
-    variants = ("mridc-sliced", "mridc-whole", "avif-whole")
+    variants = ("mridc-sliced", "mridc-whole", "avif-whole", "mridc-coap")
     for variant in variants:
         assert by[(0, 0.0, variant)]["decoded_fraction"] == 1.0  # a clean link delivers everything
+    # The product path: with its resend protocol every slice arrives; the stored picture's latency is measured.
+    coap = [r for r in doc["rows"] if r["variant"] == "mridc-coap" and r["retransmit"] == 4]
+    assert coap and all(r["decoded"] and r["received"] == r["packets"] for r in coap)
+    assert all(0 < r["latency_first_s"] <= r["latency_final_s"] < 60 for r in coap)
     lossy = [r for r in doc["rows"] if r["loss"] == 0.4 and r["retransmit"] == 4]
     assert sum(r["sends"] for r in lossy) > sum(r["packets"] for r in lossy)  # losses were resent
     sizes = doc["config"]["bytes"]["imgs/a"]

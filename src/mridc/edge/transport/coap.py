@@ -102,6 +102,8 @@ class CoapTransport(Transport):
         self._ready = threading.Event()
         self._tasks: dict[int, asyncio.Task] = {}
         self._stopping = False
+        # Slices sent per frame (first sends and resends), for benchmarks; the last 1024 frames.
+        self.slices_sent_by_sequence: dict[int, int] = {}
 
     @property
     def max_slice_bytes(self) -> int:
@@ -256,6 +258,10 @@ class CoapTransport(Transport):
             if missing and (first or (self.retransmit and now - started < self.resend_window_s)):
                 await self._send_slices([datagrams[i] for i in sorted(missing)])
                 self.stats["slices_sent"] += len(missing)
+                sent = self.slices_sent_by_sequence
+                sent[envelope.sequence] = sent.pop(envelope.sequence, 0) + len(missing)
+                if len(sent) > 1024:
+                    del sent[next(iter(sent))]
                 if not first:
                     self.stats["slices_resent"] += len(missing)
                 first = False
