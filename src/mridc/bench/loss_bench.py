@@ -248,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"loss: {name}: MRIDC {len(whole)} B whole / {sum(map(len, slices))} B in {len(slices)} slices, "
               f"AVIF {len(avif_payload) if avif_payload else 'none fits'} B", file=sys.stderr, flush=True)
     rows = []
+    import tempfile
+
+    coap_store = Path(tempfile.mkdtemp(prefix="mridc-loss-coap-"))  # the service's store: scratch, not results
     for rounds in [int(r) for r in args.retransmit.split(",") if r]:
         for loss in [float(x) for x in args.losses.split(",") if x]:
             for trial in range(args.trials):
@@ -294,12 +297,15 @@ def run(args: argparse.Namespace) -> int:
                 if not args.no_coap:
                     for row in run_coap(coded, decoder, loss=loss, loss_model=args.loss_model,
                                         retransmit=rounds > 0, seed=seed, packet_bytes=args.packet_bytes,
-                                        deadline_s=args.deadline, workdir=out / "coap_store", metric=mnv2):
+                                        deadline_s=args.deadline, workdir=coap_store, metric=mnv2):
                         rows.append(row | {"loss": loss, "retransmit": rounds, "trial": trial})
                 this = [r for r in rows if (r["loss"], r["retransmit"], r["trial"]) == (loss, rounds, trial)]
                 print(f"loss: {loss:.2f} retransmit {rounds} trial {trial}: " + ", ".join(
                     f"{v} {sum(r['decoded'] for r in this if r['variant'] == v)}/"
                     f"{sum(r['variant'] == v for r in this)}" for v in VARIANTS), file=sys.stderr, flush=True)
+    import shutil
+
+    shutil.rmtree(coap_store, ignore_errors=True)
     summary = summarise(rows, coded)
     doc = {"meta": {"command": command_line(), "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                     "machine": machine(), "load_1min_start": load_start, "load_1min_end": load_1min()},

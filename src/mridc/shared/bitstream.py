@@ -39,13 +39,13 @@ FLAG_ALL_KEPT = 0x01  # every token is sent: no mask section
 FLAG_NONE_KEPT = 0x02  # no token is sent: no mask and no token section
 FLAG_FRAME_FLAGS = 0x04  # a frame_flags varint follows rate_q (TokenFrame.flags != 0)
 FLAG_SLICED = 0x08  # this stream is one slice of a frame: a band of token rows (decompress_slices)
-FLAG_INTER = 0x10  # reserved: inter frame coded against a reference frame (not in v1)
+FLAG_INTER = 0x10  # inter frame: coded against a reference frame the decoder holds (inter.decompress_inter)
 # The grid covers the frame resampled to exactly grid*stride pixels in either direction (a grid finer than the
 # frame's full-resolution one buys quality with a budget that full resolution cannot spend). Decoders that
 # predate it refuse the stream (unknown flag) rather than crop it, which the implicit v1 rule would do.
 FLAG_RESAMPLED = 0x20
 _FLAGS_V1 = FLAG_ALL_KEPT | FLAG_NONE_KEPT | FLAG_FRAME_FLAGS | FLAG_RESAMPLED
-_RESERVED_FEATURES = {FLAG_INTER: "inter frames"}
+_RESERVED_FEATURES: dict[int, str] = {}  # flag bit -> feature name, refused by name
 
 # Section types. Bit 7 set = ancillary: a decoder that does not know it skips it.
 # Unknown types without bit 7 are critical and refused.
@@ -53,14 +53,16 @@ SECTION_MASK = 0x01  # keep mask, context-adaptive binary coder
 SECTION_TOKENS_STATIC = 0x02  # kept tokens, static prior
 SECTION_TOKENS_ADAPTIVE = 0x03  # kept tokens, neighbour-match flags + static prior
 SECTION_SLICE = 0x04  # a slice's place in its frame: frame_tag u32 | row_start v | row_count v
-SECTION_REFERENCE = 0x05  # reserved: reference frame of an inter frame
+SECTION_REFERENCE = 0x05  # inter frames only: ref_sequence v | ref_crc u32 (the reference grid's crc)
+SECTION_TOKENS_REF = 0x06  # inter frames only: changed tokens, reference-candidate flags + static prior
 SECTION_ANCILLARY = 0x80
 _SECTION_NAMES = {
     SECTION_MASK: "mask",
     SECTION_TOKENS_STATIC: "tokens-static",
     SECTION_TOKENS_ADAPTIVE: "tokens-adaptive",
     SECTION_SLICE: "slice",
-    SECTION_REFERENCE: "reference (reserved)",
+    SECTION_REFERENCE: "reference",
+    SECTION_TOKENS_REF: "tokens-ref",
 }
 
 # Caps on declared sizes: what a decoder accepts from untrusted bytes.
@@ -239,7 +241,7 @@ def compress(frame: TokenFrame, prior: TokenPrior, *, token_coder: TokenCoder = 
     return bytes(out)
 
 
-def _parse(data: bytes, *, sliced: bool = False) -> tuple[Header, list[tuple[int, int, int]], int]:
+def _parse(data: bytes, *, sliced: bool = False, inter: bool = False) -> tuple[Header, list[tuple[int, int, int]], int]:
     """Check CRC and header; return (header, [(type, offset, length)], header size)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
@@ -268,13 +270,19 @@ def _parse(data: bytes, *, sliced: bool = False) -> tuple[Header, list[tuple[int
         if flags & bit:
             raise BitstreamError(f"stream uses {feature} (flag 0x{bit:02x}), not supported by this "
                                  f"decoder (format version {FORMAT_VERSION})")
+    if flags & FLAG_INTER and not inter:
+        raise BitstreamError("stream is an inter frame (flag 0x10), coded against a reference frame: decode it "
+                             "with its reference using decompress_inter")
+    if not flags & FLAG_INTER and inter:
+        raise BitstreamError("not an inter frame (flag 0x10 unset): decode it with decompress")
     if flags & FLAG_SLICED and not sliced:
         raise BitstreamError("stream is one slice of a sliced frame (flag 0x08): decode the frame's slices "
                              "together with decompress_slices")
     if not flags & FLAG_SLICED and sliced:
         raise BitstreamError("not a slice (flag 0x08 unset): decode it with decompress")
-    if flags & ~(_FLAGS_V1 | FLAG_SLICED) & 0xFF:
-        raise BitstreamError(f"unknown header flags 0x{flags & ~(_FLAGS_V1 | FLAG_SLICED) & 0xFF:02x}")
+    unknown = flags & ~(_FLAGS_V1 | FLAG_SLICED | FLAG_INTER) & 0xFF
+    if unknown:
+        raise BitstreamError(f"unknown header flags 0x{unknown:02x}")
     if flags & FLAG_ALL_KEPT and flags & FLAG_NONE_KEPT:
         raise BitstreamError("header flags say both all-kept and none-kept")
     pos = 4
@@ -322,8 +330,11 @@ def _section_name(kind: int) -> str:
 
 
 def inspect(data: bytes) -> dict:
-    """Header fields and section sizes, checked (magic, version, CRC, caps); needs no prior."""
-    header, sections, header_size = _parse(data)
+    """Header fields and section sizes, checked (magic, version, CRC, caps); needs no prior.
+
+    An inter frame is described too (``inter``, ``ref_sequence``, ``ref_crc32``); it needs no reference."""
+    inter = is_inter(data)
+    header, sections, header_size = _parse(data, inter=inter)
     info = {
         "magic": MAGIC.decode(),
         "version": header.version,
@@ -331,6 +342,7 @@ def inspect(data: bytes) -> dict:
         "all_kept": bool(header.flags & FLAG_ALL_KEPT),
         "none_kept": bool(header.flags & FLAG_NONE_KEPT),
         "resampled": bool(header.flags & FLAG_RESAMPLED),
+        "inter": inter,
         "width": header.width,
         "height": header.height,
         "grid_h": header.grid_h,
@@ -347,7 +359,18 @@ def inspect(data: bytes) -> dict:
         "total_bytes": len(data),
         "bpp": 8 * len(data) / (header.width * header.height),
     }
+    if inter:
+        from mridc.shared.inter import _reference_fields  # inter.py builds on this module
+
+        info["ref_sequence"], ref_crc = _reference_fields(bytes(data), sections)
+        info["ref_crc32"] = f"{ref_crc:08x}"
     return info
+
+
+def is_inter(data: bytes) -> bool:
+    """Whether `data` looks like an inter frame (an MRD stream with flag 0x10); decompress_inter checks the rest."""
+    return (isinstance(data, (bytes, bytearray, memoryview)) and len(data) > len(MAGIC) + 1
+            and bytes(data[: len(MAGIC)]) == MAGIC and bool(data[len(MAGIC) + 1] & FLAG_INTER))
 
 
 def decompress(data: bytes, prior: TokenPrior, *, model_id: int | None = None) -> TokenFrame:
