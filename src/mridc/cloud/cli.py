@@ -67,6 +67,8 @@ def cmd_decode(args) -> int:
         raise InvalidInput(f"--fill must be one of {FILLS}")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise InvalidInput("--steps must be within 1..1000")
+    if Path(args.stream).is_dir():
+        return _decode_sequence(args)
     data = _read_stream(args.stream)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +119,55 @@ def cmd_decode(args) -> int:
     return EXIT_OK
 
 
+def _decode_sequence(args) -> int:
+    """`mridc-cloud decode DIR -o OUTDIR`: every NNNNNN.mrd of a sequence, in order, to NNNNNN.png; an inter
+    frame is decoded against the frames before it (mridc.cloud.sequence)."""
+    import torch
+    from PIL import Image
+
+    from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder
+    from mridc.cloud.sequence import NeedIntra, SequenceFrames
+    from mridc.cloud.zoo import ModelFileError
+    from mridc.shared.bitstream import BitstreamError
+
+    streams = sorted(Path(args.stream).glob("*.mrd"))
+    if not streams:
+        raise InvalidInput(f"{args.stream}: no .mrd files")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"{out} exists and is not a folder (a sequence decodes into -o OUTDIR)")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        decoder = MRIDCDecoder.from_models(args.models, device=args.device, backend=args.backend)
+    except ModelFileError as exc:
+        raise InvalidInput(str(exc)) from exc
+    frames = SequenceFrames(decoder.prior, model_id=decoder.model_id)
+    settings = DecodeSettings(realism=args.realism, seed=args.seed, fill=args.fill,
+                              steps=args.steps or DEFAULT_REFINE_STEPS)
+    done = []
+    for path in streams:
+        try:
+            number = int(path.stem)
+        except ValueError:
+            raise InvalidInput(f"{path}: sequence files are named NNNNNN.mrd") from None
+        try:
+            frame = frames.token_frame(path.read_bytes(), "sequence", number)
+        except (BitstreamError, NeedIntra) as exc:
+            raise InvalidInput(f"{path}: {exc}") from exc
+        decoder.check_size(frame)
+        image = decoder.decode_frames([frame], settings)[0].image
+        target = out / f"{path.stem}.png"
+        tmp = target.with_name(target.name + ".tmp.png")
+        Image.fromarray(image).save(tmp)
+        tmp.replace(target)
+        done.append(target.name)
+    print(json.dumps({"input": args.stream, "output": str(out), "frames": len(done)}) if args.json else
+          f"{out}: {len(done)} frames decoded")
+    return EXIT_OK
+
+
 def cmd_train(args) -> int:
     module = {"tokenizer": "mridc.cloud.train.tokenizer", "predictor": "mridc.cloud.train.predictor",
               "diffusion": "mridc.cloud.train.diffusion", "all": "mridc.cloud.train.session"}[args.model]
@@ -156,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "diffusion refinement. --realism 0 is the deterministic tokenizer decode "
                                    "(fidelity), 1 full diffusion (realism).\n"
                                    "Example: mridc-cloud decode photo.mrd -o photo.png --realism 0.5")
-    p.add_argument("stream", help="input .mrd file")
-    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("stream", help="input .mrd file, or a folder of NNNNNN.mrd frames (mridc-edge encode VIDEO -o DIR)")
+    p.add_argument("-o", "--output", required=True, help="output PNG (a folder for a sequence: NNNNNN.png)")
     p.add_argument("--realism", type=float, default=DEFAULT_REFINE_REALISM,
                    help="0 = fidelity (no diffusion) .. 1 = full diffusion (default: the service's refined picture)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pixels")

@@ -14,8 +14,13 @@ wires an agent from a config (the fleet simulator calls it too).
 Delivery: a frame is accepted once it is on disk (``FrameQueue.put``). The ``Forwarder`` sends the
 oldest queued frames, at most ``window`` without an ack; a frame with no ack after ``ack_timeout_s``
 (or whose connection was reset) is sent again; an ack STORED/DUPLICATE/REJECTED removes it;
-RETRY_LATER holds it back for ``retry_later_s``. At-least-once on the wire, exactly-once in effect
-because the cloud dedupes by (device id, sequence).
+RETRY_LATER holds it back for ``retry_later_s``; NEED_INTRA (an inter frame whose reference the cloud
+lacks) swaps in the frame's intra fallback and sends it again at once. At-least-once on the wire,
+exactly-once in effect because the cloud dedupes by (device id, sequence).
+
+Fixed cameras (``sequence=SequenceEncoder(...)``): frames are coded intra or inter against the newest frame
+whose STORED ack the agent holds (`mridc.edge.sequence`); a reconnect or a NEED_INTRA forces the next frame
+intra.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Protocol
 from mridc.edge.capture import CapturedFrame
 from mridc.edge.queue import FrameQueue, PutResult
 from mridc.edge.transport.base import Transport
-from mridc.shared.protocol import is_final
+from mridc.shared.protocol import AckStatus, is_final
 from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.agent")
@@ -55,16 +60,23 @@ class Forwarder:
         self._held: dict[int, float] = {}  # RETRY_LATER: sequence -> not before (monotonic)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self.stats = {"sent": 0, "resent": 0, "ack_timeouts": 0, "acked": 0, "retry_later": 0, "resets": 0}
+        self.stats = {"sent": 0, "resent": 0, "ack_timeouts": 0, "acked": 0, "retry_later": 0, "resets": 0,
+                      "need_intra": 0}
         self._ever_sent: set[int] = set()
+        # Called with (sequence, status) for every ack applied (the sequence encoder learns its references).
+        self.ack_listeners: list = []
         transport.on_ack = self._on_ack
         transport.on_reset = self._on_reset
 
     def _on_ack(self, ack: mridc_pb2.FrameAck) -> None:
         left = self.queue.ack(ack.sequence, ack.status)
+        swapped = ack.status == AckStatus.NEED_INTRA and self.queue.use_fallback(ack.sequence)
         with self._lock:
             self._inflight.pop(ack.sequence, None)
-            if not is_final(ack.status):
+            if swapped:  # the intra version goes out at once
+                self.stats["need_intra"] += 1
+                self._held.pop(ack.sequence, None)
+            elif not is_final(ack.status):
                 # RETRY_LATER, or a status this version does not know: keep it, resend later.
                 self.stats["retry_later"] += 1
                 self._held[ack.sequence] = time.monotonic() + self.retry_later_s
@@ -75,6 +87,13 @@ class Forwarder:
                     self.stats["acked"] += 1
         if ack.status == mridc_pb2.FrameAck.REJECTED:
             log.warning("%s: cloud rejected frame %d: %s", self.queue.device_id, ack.sequence, ack.reason)
+        if swapped:
+            log.info("%s: cloud lacks the reference of frame %d; sending it intra", self.queue.device_id, ack.sequence)
+        for listener in self.ack_listeners:
+            try:
+                listener(ack.sequence, ack.status)
+            except Exception:
+                log.exception("%s: ack listener failed", self.queue.device_id)
         self._wake.set()
 
     def _on_reset(self) -> None:
@@ -157,6 +176,7 @@ class EdgeAgent:
         retry_later_s: float = 5.0,
         slice_bytes: int = 0,
         prior=None,
+        sequence=None,
     ) -> None:
         self.device_id = device_id
         # slice_bytes > 0: each frame is queued as slices of at most that size (mridc.shared.slices), which
@@ -165,6 +185,10 @@ class EdgeAgent:
         self.prior = prior if prior is not None else getattr(encoder, "prior", None)
         if slice_bytes and self.prior is None:
             raise ValueError("slice_bytes needs the token prior: pass prior= or an encoder with .prior")
+        # A SequenceEncoder (mridc.edge.sequence) for inter frames, or None: every frame intra.
+        self.sequence = sequence
+        if sequence is not None and slice_bytes:
+            raise ValueError("inter frames are not sliced: use inter frames or slices, not both")
         self.encoder = encoder
         self.transport = transport
         self.queue = queue
@@ -177,7 +201,10 @@ class EdgeAgent:
         self.forwarder = Forwarder(queue, transport, window=window, ack_timeout_s=ack_timeout_s,
                                    retry_later_s=retry_later_s)
         self.stats = {"captured": 0, "accepted": 0, "refused": 0, "dropped_oldest": 0, "encode_errors": 0,
-                      "bpp_lowered": 0, "slices": 0}
+                      "bpp_lowered": 0, "slices": 0, "intra": 0, "inter": 0}
+        self._connects_seen = 0
+        if sequence is not None:
+            self.forwarder.ack_listeners.append(self._sequence_ack)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.accepted_sequences: list[int] = []  # this run's accepted frames, in order (for tests/reports)
@@ -230,9 +257,51 @@ class EdgeAgent:
             stop.wait(min(0.5, self.heartbeat_s))
 
     # -- capture side --------------------------------------------------------------------------------
+    def _sequence_ack(self, sequence: int, status: int) -> None:
+        if status == AckStatus.NEED_INTRA:
+            self.sequence.force_intra("the cloud lacks a reference (NEED_INTRA)")
+        elif is_final(status):
+            self.sequence.acknowledge(sequence, stored=status in (AckStatus.STORED, AckStatus.DUPLICATE))
+
+    def _submit_sequence(self, image, capture_time_us: int | None) -> PutResult | None:
+        """Inter/intra coding: the frame's sequence number is the queue's next (this is its only producer)."""
+        from mridc.shared.bitstream import compress
+
+        connects = self.transport.stats.get("connects", 0)
+        if self._connects_seen and connects > self._connects_seen:
+            self.sequence.force_intra("reconnect")
+        self._connects_seen = connects
+        sequence = self.queue.next_sequence
+        try:
+            coded = self.sequence.encode(image, sequence, self.current_bpp)
+        except Exception:
+            self.stats["encode_errors"] += 1
+            log.exception("%s: encoding failed", self.device_id)
+            return None
+        fallback = None
+        if coded.kind == "inter":  # the same grid coded alone, for a cloud that lacks the reference
+            fallback = compress(self.sequence.intra_frame(coded), self.prior)
+        meta = {"bpp": f"{coded.bpp:.5f}", "target_bpp": f"{self.current_bpp:.5f}", "kind": coded.kind}
+        if coded.ref_sequence is not None:
+            meta["ref"] = str(coded.ref_sequence)
+        put = self.queue.put(coded.bitstream, capture_time_us=capture_time_us, model_id=self.sequence.model_id,
+                             meta=meta, fallback=fallback)
+        if put.accepted and put.sequence == sequence:
+            self.stats[coded.kind] += 1
+        else:
+            self.sequence.forget(sequence)
+            if put.accepted:  # another producer took a number: the chain is unsafe, start again
+                self.sequence.force_intra("sequence mismatch")
+        return put
+
     def submit(self, image, capture_time_us: int | None = None) -> PutResult | None:
         """Encode one RGB frame and put it in the queue. Returns the queue's verdict (None: encode failed)."""
         self.stats["captured"] += 1
+        if self.sequence is not None:
+            put = self._submit_sequence(image, capture_time_us)
+            if put is not None:
+                self._after_put(put)
+            return put
         kwargs = {"bpp": self.current_bpp}
         if self.rois:
             kwargs["rois"] = self.rois
@@ -259,6 +328,10 @@ class EdgeAgent:
                 meta["slices"] = str(len(slices))
                 self.stats["slices"] += len(slices)
         put = self.queue.put(bitstream, capture_time_us=capture_time_us, model_id=model_id, meta=meta)
+        self._after_put(put)
+        return put
+
+    def _after_put(self, put: PutResult) -> None:
         if put.accepted:
             self.stats["accepted"] += 1
             self.accepted_sequences.append(put.sequence)
@@ -269,8 +342,10 @@ class EdgeAgent:
         if put.dropped:
             self.stats["dropped_oldest"] += len(put.dropped)
             log.warning("%s: queue full, dropped oldest frames %s", self.device_id, list(put.dropped))
+            if self.sequence is not None:
+                for seq in put.dropped:
+                    self.sequence.forget(seq)
         self._adapt_bpp(put)
-        return put
 
     def _adapt_bpp(self, put: PutResult) -> None:
         if put.lower_bpp and self.current_bpp > self.min_bpp:

@@ -125,6 +125,12 @@ class EdgeEncoder:
 
         With no `grid` the frame is padded to a multiple of the stride (full resolution). With a smaller
         `grid` it is resized to exactly grid x stride pixels (scaled mode: fewer tokens, the cloud upsamples)."""
+        padded, codes = self.features(image_rgb, grid)
+        tokens, qerr = self.quantizer.nearest(codes)
+        return padded, tokens, qerr
+
+    def features(self, image_rgb: np.ndarray, grid: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Frame -> (encoder input frame, code vectors float32 (D, gh, gw)) before quantisation."""
         image_rgb = validate_frame(image_rgb)
         full = protocol.grid_shape(image_rgb.shape[1], image_rgb.shape[0], self.stride)
         if grid is None or tuple(grid) == tuple(full):
@@ -133,9 +139,7 @@ class EdgeEncoder:
         else:
             padded = protocol.resize_for_grid(image_rgb, grid, self.stride)
         x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
-        codes = self.runner(np.ascontiguousarray(x))[0]
-        tokens, qerr = self.quantizer.nearest(codes)
-        return padded, tokens, qerr
+        return padded, np.asarray(self.runner(np.ascontiguousarray(x))[0], np.float32)
 
     def tokens(self, image_rgb: np.ndarray) -> np.ndarray:
         """The full-resolution token grid, uint16 (gh, gw): what backends are compared on."""

@@ -40,6 +40,14 @@ class VectorQuantizer:
         """codes float32 (D, h, w) -> (indices uint16 (h, w), quantisation error 1 - cosine (h, w))."""
         return nearest_codewords(np.asarray(codes, np.float32), self.codebook)
 
+    def distance(self, codes: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """1 - cosine between each code vector (D, h, w) and the codeword `indices` (h, w) names: how far a
+        frame's features are from a token it might keep (inter frames keep a reference's token when close)."""
+        codes = np.asarray(codes, np.float32)
+        norms = np.maximum(np.linalg.norm(codes, axis=0), 1e-12)
+        words = self.codebook[np.asarray(indices, np.int64)]  # (h, w, D)
+        return (1.0 - np.einsum("dhw,hwd->hw", codes, words) / norms).astype(np.float32)
+
     def lookup(self, indices: np.ndarray) -> np.ndarray:
         """indices (h, w) -> codewords float32 (D, h, w)."""
         return np.moveaxis(self.codebook[np.asarray(indices, np.int64)], -1, 0)

@@ -2,7 +2,9 @@
 
 A frame is *accepted* only once its row is committed with ``synchronous=FULL``, so it survives
 ``kill -9`` and power loss. It leaves the queue only when the cloud acknowledges it
-(STORED, DUPLICATE or REJECTED); RETRY_LATER keeps it for a later resend.
+(STORED, DUPLICATE or REJECTED); RETRY_LATER keeps it for a later resend. An inter frame is stored with its
+intra ``fallback`` (the same token grid coded alone): NEED_INTRA (the cloud lacks its reference) swaps it in,
+so the frame is sent again intra and nothing is lost.
 
 Sequence numbers are allocated in the same transaction as the insert and persisted in the
 ``meta`` table, so they stay strictly increasing across restarts even when the queue is empty.
@@ -41,6 +43,7 @@ _COUNTERS = (
     "dropped_oldest",
     "dropped_newest",
     "bytes_accepted",
+    "need_intra",
 )
 
 _SCHEMA = """
@@ -53,7 +56,8 @@ CREATE TABLE IF NOT EXISTS frames (
     model_id INTEGER NOT NULL,
     meta_json TEXT NOT NULL,
     enqueued_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    fallback BLOB
 );
 """
 
@@ -127,6 +131,9 @@ class FrameQueue:
         # FULL: the WAL is fsynced at every commit, so an accepted frame survives power loss.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+        if "fallback" not in columns:  # a queue written before inter frames
+            self._db.execute("ALTER TABLE frames ADD COLUMN fallback BLOB")
         with self._tx():
             stored_id = self._meta_get("device_id")
             if stored_id is None:
@@ -165,8 +172,10 @@ class FrameQueue:
         capture_time_us: int | None = None,
         model_id: int = 0,
         meta: dict[str, str] | None = None,
+        fallback: bytes | None = None,
     ) -> PutResult:
-        """Store one encoded frame; returns only after it is durable (or refused by policy)."""
+        """Store one encoded frame; returns only after it is durable (or refused by policy). `fallback`: an
+        inter frame's intra version, sent instead if the cloud answers NEED_INTRA."""
         bitstream = bytes(bitstream)
         if len(bitstream) > self.max_bytes:
             with self._tx():
@@ -195,9 +204,9 @@ class FrameQueue:
             self._meta_set("next_sequence", str(sequence + 1))
             self._db.execute(
                 "INSERT INTO frames (sequence, capture_time_us, bitstream, content_hash, model_id, meta_json,"
-                " enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " enqueued_at, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (sequence, int(capture_time_us), bitstream, content_hash, int(model_id),
-                 json.dumps(meta or {}, sort_keys=True), time.time()),
+                 json.dumps(meta or {}, sort_keys=True), time.time(), None if fallback is None else bytes(fallback)),
             )
             self._bump("accepted")
             self._bump("bytes_accepted", len(bitstream))
@@ -227,6 +236,20 @@ class FrameQueue:
         """Count one send of the frame (its ``attempts``); the forwarder calls it after each send."""
         with self._tx():
             self._db.execute("UPDATE frames SET attempts = attempts + 1 WHERE sequence = ?", (sequence,))
+
+    def use_fallback(self, sequence: int) -> bool:
+        """NEED_INTRA: replace the frame's inter stream by its intra fallback (durably). False when it has none."""
+        with self._tx():
+            row = self._db.execute("SELECT fallback, meta_json FROM frames WHERE sequence = ?", (sequence,)).fetchone()
+            if row is None or row[0] is None:
+                return False
+            meta = json.loads(row[1]) | {"kind": "intra", "fallback": "1"}
+            meta.pop("ref", None)
+            self._db.execute("UPDATE frames SET bitstream = fallback, content_hash = ?, fallback = NULL, meta_json = ? "
+                             "WHERE sequence = ?", (hashlib.sha256(bytes(row[0])).digest(),
+                                                    json.dumps(meta, sort_keys=True), sequence))
+            self._bump("need_intra")
+            return True
 
     def ack(self, sequence: int, status: int) -> bool:
         """Apply a cloud ack. Returns True if the frame left the queue (False: kept or unknown)."""

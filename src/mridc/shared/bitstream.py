@@ -360,11 +360,26 @@ def inspect(data: bytes) -> dict:
         "bpp": 8 * len(data) / (header.width * header.height),
     }
     if inter:
-        from mridc.shared.inter import _reference_fields  # inter.py builds on this module
-
-        info["ref_sequence"], ref_crc = _reference_fields(bytes(data), sections)
+        info["ref_sequence"], ref_crc = reference_fields(bytes(data), sections)
         info["ref_crc32"] = f"{ref_crc:08x}"
     return info
+
+
+def reference_fields(data: bytes, sections) -> tuple[int, int]:
+    """(ref_sequence, ref_crc) from an inter frame's reference section (docs/bitstream.md, "Inter frames")."""
+    found = [(offset, length) for kind, offset, length in sections if kind == SECTION_REFERENCE]
+    if not found:
+        raise BitstreamError("inter frame without a reference section")
+    if len(found) > 1:
+        raise BitstreamError("duplicate reference section")
+    offset, length = found[0]
+    end = offset + length
+    sequence, pos = read_varint(data, offset, end, "ref_sequence")
+    if sequence > _U32:
+        raise BitstreamError("ref_sequence exceeds 32 bits")
+    if end - pos != 4:
+        raise BitstreamError(f"reference section has {end - pos} bytes after ref_sequence, expected 4 (ref_crc)")
+    return sequence, int.from_bytes(data[pos:end], "big")
 
 
 def is_inter(data: bytes) -> bool:

@@ -48,7 +48,7 @@ from mridc.shared.bitstream import (
     _section_name,
     _write_header,
     is_inter,
-    read_varint,
+    reference_fields,
     write_varint,
 )
 from mridc.shared.entropy import (
@@ -391,15 +391,9 @@ def _inter_sections(sections) -> dict[int, tuple[int, int]]:
 
 
 def _reference_fields(data: bytes, sections) -> tuple[int, int]:
-    """(ref_sequence, ref_crc) from an inter frame's reference section."""
-    offset, length = _inter_sections(sections)[SECTION_REFERENCE]
-    end = offset + length
-    sequence, pos = read_varint(data, offset, end, "ref_sequence")
-    if sequence > _U32:
-        raise BitstreamError("ref_sequence exceeds 32 bits")
-    if end - pos != 4:
-        raise BitstreamError(f"reference section has {end - pos} bytes after ref_sequence, expected 4 (ref_crc)")
-    return sequence, int.from_bytes(data[pos:end], "big")
+    """(ref_sequence, ref_crc) from an inter frame's reference section, its sections checked first."""
+    _inter_sections(sections)
+    return reference_fields(data, sections)
 
 
 def parse_inter_header(data: bytes) -> tuple[Header, int, int]:

@@ -148,10 +148,12 @@ class AckStatus(enum.IntEnum):
     DUPLICATE = mridc_pb2.FrameAck.DUPLICATE
     REJECTED = mridc_pb2.FrameAck.REJECTED
     RETRY_LATER = mridc_pb2.FrameAck.RETRY_LATER
+    NEED_INTRA = mridc_pb2.FrameAck.NEED_INTRA
 
 
 # The statuses after which the device drops the frame: it is stored, was stored before, or never will be.
-# Anything else (RETRY_LATER, or a status this version does not know) keeps it queued for a resend.
+# Anything else (RETRY_LATER, NEED_INTRA: send it again intra, or a status this version does not know) keeps it
+# queued for a resend.
 FINAL_ACK_STATUSES = frozenset({AckStatus.STORED, AckStatus.DUPLICATE, AckStatus.REJECTED})
 
 

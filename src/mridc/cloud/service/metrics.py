@@ -39,6 +39,8 @@ class ServiceMetrics:
                                       "(a new version)", registry=r)
         self.gathering_frames = Gauge("mridc_coap_gathering_frames", "CoAP frames whose slices are held in memory",
                                       registry=r)
+        self.frames_need_intra = Counter("mridc_frames_need_intra", "Inter frames answered NEED_INTRA (reference "
+                                         "not held)", registry=r)
         self.frames_busy = Counter("mridc_frames_busy", "Frames another live worker is decoding", registry=r)
         self.rate_limited = Counter("mridc_frames_rate_limited", "Frames refused by the per-device limit",
                                     registry=r)

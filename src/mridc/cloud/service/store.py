@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS frames (
     PRIMARY KEY (device_id, sequence)
 );
 CREATE INDEX IF NOT EXISTS frames_by_time ON frames (device_id, capture_time_us);
+CREATE TABLE IF NOT EXISTS reference_grids (
+    device_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    grid BLOB NOT NULL,
+    PRIMARY KEY (device_id, sequence)
+);
 CREATE TABLE IF NOT EXISTS instances (
     instance TEXT PRIMARY KEY,
     worker_id TEXT NOT NULL,
@@ -406,6 +412,28 @@ class FrameStore:
              record.transport, record.worker_id, record.stage,
              len(record.slices["held"]) if record.slices else None, record.slices.get("count")))
 
+    # -- inter frames: what each frame left in the cloud's token grid --------------------------------------
+    def put_reference(self, device_id: str, sequence: int, grid, keep: int = 64) -> None:
+        """Keep a frame's ReferenceGrid (durable, shared by the workers); only the newest `keep` per device."""
+        blob = encode_grid(grid)
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO reference_grids (device_id, sequence, grid) VALUES (?, ?, ?)",
+                             (device_id, sequence, blob))
+            self._db.execute("DELETE FROM reference_grids WHERE device_id = ? AND sequence <= (SELECT sequence "
+                             "FROM reference_grids WHERE device_id = ? ORDER BY sequence DESC LIMIT 1 OFFSET ?)",
+                             (device_id, device_id, keep))
+
+    def get_reference(self, device_id: str, sequence: int):
+        with self._lock:
+            row = self._db.execute("SELECT grid FROM reference_grids WHERE device_id = ? AND sequence = ?",
+                                   (device_id, sequence)).fetchone()
+        return None if row is None else decode_grid(bytes(row["grid"]))
+
+    @property
+    def references(self) -> ReferenceMap:
+        """The reference grids as a mapping {(device, sequence): ReferenceGrid} (mridc.cloud.sequence)."""
+        return ReferenceMap(self)
+
     def is_stored(self, device_id: str, sequence: int) -> bool:
         with self._lock:
             row = self._db.execute("SELECT state FROM frames WHERE device_id = ? AND sequence = ?",
@@ -438,6 +466,47 @@ class FrameStore:
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM frames WHERE state = 'stored'").fetchone()[0]
+
+
+class ReferenceMap:
+    """`FrameStore` reference grids behind the mapping interface `SequenceFrames` takes."""
+
+    def __init__(self, store: FrameStore) -> None:
+        self.store = store
+
+    def get(self, key: tuple[str, int], default=None):
+        grid = self.store.get_reference(*key)
+        return default if grid is None else grid
+
+    def __getitem__(self, key: tuple[str, int]):
+        grid = self.store.get_reference(*key)
+        if grid is None:
+            raise KeyError(key)
+        return grid
+
+    def __setitem__(self, key: tuple[str, int], grid) -> None:
+        self.store.put_reference(key[0], key[1], grid)
+
+    def __contains__(self, key) -> bool:
+        return self.store.get_reference(*key) is not None
+
+
+def encode_grid(grid) -> bytes:
+    """A ReferenceGrid as bytes: h u16 | w u16 | packed known bits | known tokens u16le (its crc() form)."""
+    h, w = grid.shape
+    return (h.to_bytes(2, "big") + w.to_bytes(2, "big") + np.packbits(grid.known.reshape(-1)).tobytes()
+            + grid.tokens[grid.known].astype("<u2").tobytes())
+
+
+def decode_grid(data: bytes):
+    from mridc.shared.inter import ReferenceGrid
+
+    h, w = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:4], "big")
+    n_bits = (h * w + 7) // 8
+    known = np.unpackbits(np.frombuffer(data[4:4 + n_bits], np.uint8))[: h * w].astype(bool).reshape(h, w)
+    tokens = np.zeros((h, w), np.int64)
+    tokens[known] = np.frombuffer(data[4 + n_bits:], "<u2")
+    return ReferenceGrid(tokens, known)
 
 
 def encode_png(image: np.ndarray) -> bytes:

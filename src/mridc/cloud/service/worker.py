@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mridc.cloud.sequence import NeedIntra
 from mridc.shared.protocol import build_ack as make_ack
 from mridc.v1 import mridc_pb2
 
@@ -161,6 +162,15 @@ class DecodeService:
         # decodes from the stored stream instead.
         self._previews: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
         self._previews_max = 2 * config.queue_size
+        # Inter frames (fixed cameras): every frame's token grid is kept in the shared index as a reference;
+        # an inter frame is parsed against its reference there. Needs the decoder's token prior.
+        self.sequences = None
+        prior = getattr(decoder, "prior", None)
+        if prior is not None:
+            from mridc.cloud.sequence import SequenceFrames
+
+            self.sequences = SequenceFrames(prior, model_id=getattr(decoder, "model_id", None),
+                                            references=store.references)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,11 +202,17 @@ class DecodeService:
         device, sequence = envelope.device_id, envelope.sequence
         ack_device = topic_device or authenticated_device or device
         try:
-            frame = validate_envelope(envelope, self.limits, self.decoder.validate,
+            frame = validate_envelope(envelope, self.limits, lambda data: self._validate(data, device, sequence),
                                       known_model_ids=self.known_model_ids, topic_device=topic_device,
                                       authenticated_device=authenticated_device, payload_bytes=payload_bytes)
         except FrameRejected as exc:
             self._reject(ack_device, sequence, exc, done, transport)
+            return
+        except NeedIntra as exc:  # an inter frame whose reference is not held here: the device resends it intra
+            self.metrics.frames_need_intra.inc()
+            log.info("frame needs intra", extra={"fields": {"device": device, "sequence": sequence,
+                                                            "reference": exc.ref_sequence, "transport": transport}})
+            done(make_ack(ack_device, sequence, Ack.NEED_INTRA, str(exc)))
             return
         self.metrics.device_bytes.labels(device).inc(len(envelope.bitstream))
         key = (device, sequence)
@@ -228,6 +244,23 @@ class DecodeService:
             self._finish(job, make_ack(device, sequence, Ack.RETRY_LATER, "decode queue full"))
             return
         self.metrics.queue_depth.set(len(self.queue))
+
+    def _validate(self, data: bytes, device: str, sequence: int) -> Any:
+        """The decoder's cheap parse; an inter frame is parsed against its reference (NeedIntra if absent), and
+        every frame's grid is kept as a reference for the inter frames that may follow it."""
+        if self.sequences is None:
+            return self.decoder.validate(data)
+        from mridc.shared.inter import ReferenceGrid, is_inter
+
+        if is_inter(data):
+            frame = self.sequences.token_frame(data, device, sequence)
+            check_size = getattr(self.decoder, "check_size", None)
+            if check_size is not None:
+                check_size(frame)
+            return frame
+        frame = self.decoder.validate(data)
+        self.sequences.references[(device, sequence)] = ReferenceGrid.from_frame(frame)
+        return frame
 
     def _claim_job(self, frame: ValidFrame, transport: str, done: AckCallback,
                    slices: tuple[list[int], int] | None) -> DecodeJob | None:
