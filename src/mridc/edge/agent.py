@@ -419,12 +419,19 @@ def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None
                        max_bytes=int(config.queue.max_mb * 1024 * 1024), policy=config.queue.policy)
     transport = build_transport(config)
     # Over a datagram link every frame goes as slices that fit one datagram, unless the config sets a size.
-    slice_bytes = config.encoder.slice_bytes or getattr(transport, "max_slice_bytes", 0)
+    sequence = None
+    if config.encoder.inter:
+        from mridc.edge.sequence import SequenceConfig, SequenceEncoder
+
+        sequence = SequenceEncoder(encoder, SequenceConfig(refresh_period=config.encoder.refresh_frames))
+    slice_bytes = 0 if sequence is not None else (
+        config.encoder.slice_bytes or getattr(transport, "max_slice_bytes", 0))
     return EdgeAgent(
         device_id=config.device.id, encoder=encoder, transport=transport, queue=queue, source=source,
         bpp=config.encoder.bpp, min_bpp=config.encoder.min_bpp,
         rois=[(r.x, r.y, r.w, r.h) for r in config.encoder.rois], heartbeat_s=config.status.heartbeat_s,
         window=config.transport.window, ack_timeout_s=config.transport.ack_timeout_s, slice_bytes=slice_bytes,
+        sequence=sequence,
     )
 
 

@@ -256,6 +256,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut each frame into slices of at most N bytes that decode alone; a lost one costs a "
                              "band of tokens, not the frame. Default over coap://: what fits --mtu, else whole "
                              "frames [encoder.slice_bytes]")
+    parser.add_argument("--inter", action="store_true", default=None,
+                        help="fixed camera: send only what changed since the newest frame the cloud stored (inter "
+                             "frames), the unchanged background costs nothing [encoder.inter]")
+    parser.add_argument("--refresh", type=int, dest="refresh_frames", metavar="N",
+                        help="with --inter: an intra frame at least every N frames (default 60) "
+                             "[encoder.refresh_frames]")
     parser.add_argument("--mtu", type=int, help="coap://: largest datagram the link carries, e.g. 222 for LoRaWAN "
                         "(default 1152) [transport.mtu]")
     parser.add_argument("--no-retransmit", dest="retransmit", action="store_false", default=None,
@@ -281,7 +287,9 @@ _OVERRIDES = {
     "username": ("transport", "username"), "password_file": ("transport", "password_file"),
     "token_file": ("transport", "token_file"), "ca_file": ("transport", "ca_file"),
     "cert_file": ("transport", "cert_file"), "key_file": ("transport", "key_file"),
-    "slice_bytes": ("encoder", "slice_bytes"), "mtu": ("transport", "mtu"), "retransmit": ("transport", "retransmit"),
+    "slice_bytes": ("encoder", "slice_bytes"), "inter": ("encoder", "inter"),
+    "refresh_frames": ("encoder", "refresh_frames"), "mtu": ("transport", "mtu"),
+    "retransmit": ("transport", "retransmit"),
     "deadline_s": ("transport", "deadline_s"),
 }
 

@@ -64,6 +64,10 @@ class EncoderSection:
     # Cut each frame into slices of at most this many bytes that decode alone (lossy datagram links). 0: whole
     # frames, except over coap://, where the default is what fits the transport's MTU.
     slice_bytes: int = 0
+    # Fixed cameras: code frames inter (only what changed since the newest frame the cloud stored), with an
+    # intra frame at least every `refresh_frames` frames (0: only when the scene changes or the cloud asks).
+    inter: bool = False
+    refresh_frames: int = 60
 
 
 @dataclass
@@ -143,6 +147,10 @@ class DeviceConfig:
         if self.encoder.slice_bytes and not MIN_SLICE_BYTES <= self.encoder.slice_bytes <= MAX_SLICE_BYTES:
             raise ConfigError(f"encoder.slice_bytes must be 0 or in [{MIN_SLICE_BYTES}, {MAX_SLICE_BYTES}], got "
                               f"{self.encoder.slice_bytes}")
+        if self.encoder.inter and self.encoder.slice_bytes:
+            raise ConfigError("encoder.inter and encoder.slice_bytes cannot be combined (inter frames are not sliced)")
+        if self.encoder.refresh_frames < 0:
+            raise ConfigError(f"encoder.refresh_frames must be >= 0, got {self.encoder.refresh_frames}")
         if not 64 <= self.transport.mtu <= 65_507:
             raise ConfigError(f"transport.mtu must be in [64, 65507], got {self.transport.mtu}")
         if not 0 < self.transport.deadline_s <= 3600:

@@ -109,26 +109,32 @@ class PaintedFrame:
 class TokenPaintDecoder:
     """A test decoder over real MRD parsing (see module doc). `delay_s` simulates decode cost per frame."""
 
-    model_ids = frozenset({SYNTHETIC_MODEL_ID})
+    model_ids = frozenset({SYNTHETIC_MODEL_ID})  # the default instance's (an instance may serve another model)
 
-    def __init__(self, delay_s: float = 0.0):
+    def __init__(self, delay_s: float = 0.0, *, prior: TokenPrior | None = None, model_id: int = SYNTHETIC_MODEL_ID):
+        """`prior` and `model_id` default to the synthetic streams'; a real edge bundle's make it paint the
+        shipped encoder's streams (`make_bundle_paint_decoder`), inter frames included."""
         self.delay_s = delay_s
+        self.prior = prior or SYNTHETIC_PRIOR
+        self.model_id = model_id
+        self.model_ids = frozenset({model_id})
 
     def validate(self, bitstream: bytes) -> TokenFrame:
         """A stream, or a sliced frame (`pack_slices`: missing rows masked), as MRIDCDecoder.validate takes them."""
         from mridc.shared.slices import decompress_slices, is_sliced_file, unpack_slices
 
         if is_sliced_file(bitstream):
-            return decompress_slices(unpack_slices(bitstream), SYNTHETIC_PRIOR, model_id=SYNTHETIC_MODEL_ID).frame
-        return decompress(bitstream, SYNTHETIC_PRIOR, model_id=SYNTHETIC_MODEL_ID)
+            return decompress_slices(unpack_slices(bitstream), self.prior, model_id=self.model_id).frame
+        return decompress(bitstream, self.prior, model_id=self.model_id)
 
     def paint(self, frame: TokenFrame) -> np.ndarray:
         grid = np.full((frame.grid_h, frame.grid_w, 3), 128, dtype=np.uint8)
         rows, cols = np.nonzero(frame.keep_mask)
         for r, c, token in zip(rows, cols, frame.kept_tokens, strict=True):
             grid[r, c] = token_colour(int(token))
-        image = grid.repeat(frame.height // frame.grid_h, 0).repeat(frame.width // frame.grid_w, 1)
-        return image[: frame.height, : frame.width]
+        ys = np.minimum(np.arange(frame.height) * frame.grid_h // frame.height, frame.grid_h - 1)
+        xs = np.minimum(np.arange(frame.width) * frame.grid_w // frame.width, frame.grid_w - 1)
+        return grid[ys][:, xs]
 
     def decode_frames(self, frames, settings=None) -> list[PaintedFrame]:
         """Parsed frames -> one output each (the decoder interface the service calls); settings are ignored."""
@@ -141,6 +147,20 @@ class TokenPaintDecoder:
 
     def decode(self, bitstream, realism: float = 0.0, seed: int = 0, steps=None) -> np.ndarray:
         return self.decode_batch([bitstream], realism, seed)[0]
+
+
+def make_bundle_paint_decoder(models_dir=None, device: str = "cpu") -> TokenPaintDecoder:
+    """The token painter over the shipped edge bundle's prior and model id: a service that parses the real
+    encoder's streams (and inter frames) without loading the cloud models."""
+    from pathlib import Path
+
+    from mridc.shared.protocol import EdgeManifest
+    from mridc.shared.zoo import default_models_dir
+
+    edge = Path(models_dir or default_models_dir()) / "edge"
+    manifest = EdgeManifest.read(edge / "manifest.json")
+    return TokenPaintDecoder(float(os.environ.get("MRIDC_TEST_DECODE_DELAY_S", "0")),
+                             prior=TokenPrior.load(edge / "token_prior.npz"), model_id=manifest.model_id)
 
 
 def make_token_paint_decoder(models_dir=None, device: str = "cpu") -> TokenPaintDecoder:

@@ -148,7 +148,7 @@ def video_availability(name: str) -> str | None:
 
 
 def _even(value: float) -> int:
-    return max(2, int(round(value / 2)) * 2)
+    return max(2, round(value / 2) * 2)
 
 
 def _check_frames(frames: list[np.ndarray]) -> tuple[int, int]:
@@ -183,16 +183,22 @@ def _coded_frames(frames: list[np.ndarray], width: int, height: int, scale: floa
     return [downscale(np.asarray(f), cw, ch) for f in frames], cw, ch
 
 
-def _rate_clock(bitrate_bps: float, codec: str) -> tuple[int, str]:
-    """(k, ffmpeg -b:v value): see the module docstring on whole kbit/s."""
+def _rate_clock(bitrate_bps: float, codec: str) -> int:
+    """k for the first request (see the module docstring on whole kbit/s); corrections keep the same k."""
     if codec == "svtav1":
-        return 1, str(max(1, round(bitrate_bps)))
+        return 1
     kbps = bitrate_bps / 1000.0
     for k in range(1, 10001):
         whole = round(k * kbps)
         if whole >= 1 and abs(whole / (k * kbps) - 1.0) <= _KBPS_ROUNDING:
-            return k, f"{whole}k"
+            return k
     raise VideoCodecError(f"{codec}: cannot express {bitrate_bps:.3f} bit/s in whole kbit/s")
+
+
+def _rate_arg(bitrate_bps: float, codec: str, k: int) -> str:
+    if codec == "svtav1":
+        return str(max(1, round(bitrate_bps)))
+    return f"{max(1, round(k * bitrate_bps / 1000.0))}k"
 
 
 def _encoder_args(codec: str, n: int, preset: str | None) -> list[str]:
@@ -204,8 +210,8 @@ def _encoder_args(codec: str, n: int, preset: str | None) -> list[str]:
                 "-bsf:v", "filter_units=remove_types=6"]
     if codec == "x265":
         return ["-c:v", "libx265", "-preset", preset, "-tune", "zerolatency", "-bf", "0", "-g", str(n),
-                "-x265-params", f"scenecut=0:bframes=0:keyint={n}:min-keyint={n}:open-gop=0:info=0:"
-                                "pools=1:frame-threads=1:log-level=error"]
+                "-x265-params", (f"scenecut=0:bframes=0:keyint={n}:min-keyint={n}:open-gop=0:info=0:"
+                                 "pools=1:frame-threads=1:log-level=error")]
     # SVT-AV1 1.4: pred-struct=1 is low delay (P-frames, no reordering); it supports CBR (rc=2) only.
     return ["-c:v", "libsvtav1", "-preset", preset, "-bf", "0", "-g", str(n),
             "-svtav1-params", "pred-struct=1:rc=2:scd=0:lp=1"]
@@ -214,7 +220,7 @@ def _encoder_args(codec: str, n: int, preset: str | None) -> list[str]:
 def _run(cmd: list[str], what: str, stdin: bytes | None = None, timeout: float = 600) -> bytes:
     env = dict(os.environ, SVT_LOG="1")  # SVT-AV1 logs to stderr on its own: errors only
     try:
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env, check=False)
     except FileNotFoundError as exc:
         raise VideoCodecError(f"{what}: {exc}") from exc
     except subprocess.TimeoutExpired as exc:
@@ -226,12 +232,12 @@ def _run(cmd: list[str], what: str, stdin: bytes | None = None, timeout: float =
 
 
 def _encode_once(raw: bytes, codec: str, n: int, cw: int, ch: int, interval: Fraction, bitrate_bps: float,
-                 preset, path: str) -> dict:
+                 k: int, preset, path: str) -> dict:
     muxer = _FORMATS[codec][1]
-    k, rate = _rate_clock(bitrate_bps, codec)
+    rate = _rate_arg(bitrate_bps, codec, k)
     fps = k / interval
-    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{cw}x{ch}", "-framerate", f"{fps.numerator}/{fps.denominator}",
+    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{cw}x{ch}", "-framerate", f"{fps.numerator}/{fps.denominator}",
            "-i", "pipe:0", "-sws_flags", _SWS, "-pix_fmt", "yuv420p",
            *_encoder_args(codec, n, preset), "-b:v", rate, "-f", muxer, path]
     _run(cmd, f"{codec} encode", stdin=raw)
@@ -293,12 +299,13 @@ def encode_sequence(frames: list[np.ndarray], codec: str, *, mean_bytes_per_fram
     target_stream = mean_bytes_per_frame * n - side  # bytes the elementary stream may take
     bitrate = max(target_stream, 1.0) / n * 8 / float(interval)
 
+    clock = _rate_clock(bitrate, codec)
     tmp = tempfile.mkdtemp(prefix="mridc-video-", dir=workdir)
     try:
         attempts: list[dict] = []
         for i in range(1 + MAX_CORRECTIONS):
             path = os.path.join(tmp, f"attempt{i}{_FORMATS[codec][2]}")
-            att = _encode_once(raw, codec, n, cw, ch, interval, bitrate, preset, path)
+            att = _encode_once(raw, codec, n, cw, ch, interval, bitrate, clock, preset, path)
             att["path"] = path
             att["mean_bytes_per_frame"] = (len(att["stream"]) + side) / n
             attempts.append(att)
