@@ -37,6 +37,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "compare": "mridc.bench.compare",
     "refine": "mridc.bench.refine_bench",
     "loss": "mridc.bench.loss_bench",
+    "sequence": "mridc.bench.sequence_bench",
     "plot-log": "mridc.bench.plot_log",
 }
 
