@@ -154,3 +154,22 @@ def test_loss_bench_tiny_run(tmp_path):
     sizes = doc["config"]["bytes"]["imgs/a"]
     assert sizes["sliced"] <= sizes["whole"] and sizes["slices"] >= 2
     assert (out / "loss.png").is_file() and "frames decoded" in (out / "summary.md").read_text()
+
+
+def test_sequence_bench_tiny_run(tmp_path):
+    """Two vtest eval frames at one budget: MRIDC intra and inter, AVIF, and x264 when ffmpeg has it."""
+    import json
+
+    from mridc.lab.video import video_availability
+
+    out = tmp_path / "out"
+    codecs = "avif" + ("" if video_availability("x264") else ",x264")
+    rc = cli.main(["sequence", "--out", str(out), "--intervals", "1", "--bpp", "0.02", "--max-frames", "2",
+                   "--codecs", codecs, "--threads", "1"])
+    assert rc == 0
+    doc = json.loads((out / "sequence.json").read_text())
+    variants = {r["variant"] for r in doc["rows"]}
+    assert {"mridc-intra", "mridc-inter"} <= variants and set(codecs.split(",")) <= variants
+    inter = next(r for r in doc["rows"] if r["variant"] == "mridc-inter")
+    assert inter["kinds"] == ["intra", "inter"] and all(r["psnr"] > 10 for r in doc["rows"])
+    assert (out / "sequence.png").is_file() and "MRIDC inter against MRIDC intra" in (out / "summary.md").read_text()
