@@ -63,8 +63,10 @@ from mridc.shared.entropy import (
     _Sink,
     _start_decoder,
     decode_mask,
+    decode_tokens_adaptive,
     decode_tokens_static,
     encode_mask,
+    encode_tokens_adaptive,
     encode_tokens_static,
 )
 
@@ -81,7 +83,7 @@ __all__ = [
     "parse_inter_header",
 ]
 
-InterTokenCoder = Literal["auto", "static", "ref"]
+InterTokenCoder = Literal["auto", "static", "adaptive", "ref"]
 MAX_CANDIDATES = 4  # reference-candidate flags per changed token (one adaptive context per rank)
 MAX_TOKEN = 0xFFFF  # tokens are at most 16 bits (MAX_CODEBOOK_BITS)
 
@@ -339,13 +341,14 @@ def compress_inter(frame: TokenFrame, reference: ReferenceGrid, ref_sequence: in
     """Serialise the changes `frame` (keep_mask = changed positions, kept_tokens = their new tokens) against
     `reference`, named by `ref_sequence` (u32, the application's frame number) and ``reference.crc()``.
 
-    ``token_coder="auto"`` codes the tokens both ways (static prior, reference candidates) and keeps the
-    smaller section (ties keep static); "static" or "ref" force one."""
+    ``token_coder="auto"`` codes the tokens three ways (static prior; the intra coder's repeats of the changed
+    left/up neighbours, for new content; reference candidates, for moved content) and keeps the smallest
+    section (ties: static, then adaptive); "static", "adaptive" or "ref" force one."""
     mask, tokens = _check_frame(frame)
     _check_prior(prior, frame.codebook_bits, ValueError)
     _check_reference(reference, frame, ValueError)
-    if token_coder not in ("auto", "static", "ref"):
-        raise ValueError(f"token_coder must be auto, static or ref, got {token_coder!r}")
+    if token_coder not in ("auto", "static", "adaptive", "ref"):
+        raise ValueError(f"token_coder must be auto, static, adaptive or ref, got {token_coder!r}")
     if not isinstance(ref_sequence, (int, np.integer)) or not 0 <= ref_sequence <= _U32:
         raise ValueError(f"ref_sequence must be an int in [0, {_U32}], got {ref_sequence!r}")
     kept = tokens.size
@@ -357,16 +360,19 @@ def compress_inter(frame: TokenFrame, reference: ReferenceGrid, ref_sequence: in
         candidates = []
         if token_coder in ("auto", "static"):
             candidates.append(_section(SECTION_TOKENS_STATIC, encode_tokens_static(tokens, prior)))
+        if token_coder in ("auto", "adaptive"):
+            candidates.append(_section(SECTION_TOKENS_ADAPTIVE, encode_tokens_adaptive(tokens, mask, prior)))
         if token_coder in ("auto", "ref"):
             candidates.append(_section(SECTION_TOKENS_REF, encode_tokens_ref(tokens, mask, reference, prior)))
-        out += min(candidates, key=len)  # ties keep static: it decodes faster
+        out += min(candidates, key=len)  # ties keep the first: static decodes fastest
     out += zlib.crc32(out).to_bytes(4, "big")
     return bytes(out)
 
 
 # --------------------------------------------------------------------------- decoder
 
-_INTER_KINDS = (SECTION_REFERENCE, SECTION_MASK, SECTION_TOKENS_STATIC, SECTION_TOKENS_REF)
+_TOKEN_KINDS = (SECTION_TOKENS_STATIC, SECTION_TOKENS_ADAPTIVE, SECTION_TOKENS_REF)
+_INTER_KINDS = (SECTION_REFERENCE, SECTION_MASK, *_TOKEN_KINDS)
 
 
 def _inter_sections(sections) -> dict[int, tuple[int, int]]:
@@ -375,9 +381,6 @@ def _inter_sections(sections) -> dict[int, tuple[int, int]]:
     for kind, offset, length in sections:
         if kind & SECTION_ANCILLARY:
             continue  # ancillary: safe to ignore
-        if kind == SECTION_TOKENS_ADAPTIVE:
-            raise BitstreamError("tokens-adaptive section in an inter frame (inter frames code their tokens "
-                                 "with tokens-static or tokens-ref)")
         if kind not in _INTER_KINDS:
             raise BitstreamError(f"unknown critical section type 0x{kind:02x}")
         if kind in found:
@@ -385,7 +388,7 @@ def _inter_sections(sections) -> dict[int, tuple[int, int]]:
         found[kind] = (offset, length)
     if SECTION_REFERENCE not in found:
         raise BitstreamError("inter frame without a reference section")
-    if SECTION_TOKENS_STATIC in found and SECTION_TOKENS_REF in found:
+    if sum(kind in found for kind in _TOKEN_KINDS) > 1:
         raise BitstreamError("more than one token section")
     return found
 
@@ -433,7 +436,7 @@ def decompress_inter(data: bytes, prior: TokenPrior, reference: ReferenceGrid | 
             offset, length = found[SECTION_MASK]
             mask = decode_mask(data[offset: offset + length], *shape)
         changed = int(mask.sum())
-        token_kind = next((k for k in (SECTION_TOKENS_STATIC, SECTION_TOKENS_REF) if k in found), None)
+        token_kind = next((k for k in _TOKEN_KINDS if k in found), None)
         if changed == 0:
             if token_kind is not None:
                 raise BitstreamError("token section present although no token changed")
@@ -445,6 +448,8 @@ def decompress_inter(data: bytes, prior: TokenPrior, reference: ReferenceGrid | 
             payload = data[offset: offset + length]
             if token_kind == SECTION_TOKENS_STATIC:
                 tokens = decode_tokens_static(payload, changed, prior)
+            elif token_kind == SECTION_TOKENS_ADAPTIVE:  # new content: repeats of its own left/up neighbours
+                tokens = decode_tokens_adaptive(payload, mask, prior)
             else:
                 tokens = decode_tokens_ref(payload, mask, reference, prior)
     except CorruptStreamError as exc:
