@@ -193,7 +193,8 @@ _EDGE_PROCESS = textwrap.dedent(
 @pytest.mark.timeout(300)
 def test_inter_chain_survives_outage_service_restart_and_agent_kill(tmp_path, clip, mosquitto, link_factory):
     """`mridc-edge run --inter` through the link emulator into `mridc-cloud serve`: a link outage (frames and
-    acks lost in flight); the service killed with SIGKILL and restarted with its reference grids gone, so it
+    acks lost in flight); the service killed with SIGKILL and restarted between references and their inter
+    frames (the grids are on disk: no NEED_INTRA); killed again and restarted with its reference grids gone, so it
     answers NEED_INTRA and the agent sends those frames intra; then the agent killed with SIGKILL mid-chain and
     restarted. Every accepted frame is stored exactly once, and inter frames were used."""
     from service_helpers import TESTS_DIR, ServiceProcess
@@ -237,8 +238,16 @@ def test_inter_chain_survives_outage_service_restart_and_agent_kill(tmp_path, cl
         time.sleep(2.0)
         link.set_up()
         assert wait(lambda: len(stored()) >= 7, 60), service.log_tail()
+        # A restart between references and their inter frames: the grids are in the index, the chain goes on.
         service.kill()
-        store = FrameStore(tmp_path / "cloud")  # a cloud that lost its references (a new index, a bug, a purge)
+        time.sleep(1.0)
+        service = ServiceProcess(serve, log_path=log_path, timeout=60)
+        before = len(stored())
+        assert wait(lambda: len(stored()) >= before + 3, 60), service.log_tail()
+        assert "frame needs intra" not in log_path.read_text()
+        # A cloud that lost its references (a new index, a purge): NEED_INTRA, and the agent sends intra.
+        service.kill()
+        store = FrameStore(tmp_path / "cloud")
         store._db.execute("DELETE FROM reference_grids")
         store.close()
         time.sleep(1.0)
