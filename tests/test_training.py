@@ -232,3 +232,11 @@ def test_edge_masks_follow_the_camera_policy(data_dir):
     assert mixed.shape == tokens.shape
     with pytest.raises(ValueError):
         keep_masks(x, tok.cfg.stride, gen, source="bogus", tokens=tokens)
+
+
+def test_tokenizer_lr_decays_over_the_last_part_of_the_budget():
+    from mridc.cloud.train.tokenizer import lr_factor
+
+    assert lr_factor(0.5, 1.0) == 1.0 and lr_factor(0.7, 0.75) == 1.0
+    assert lr_factor(0.875, 0.75) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(1.0, 0.75) == pytest.approx(0.05) and lr_factor(2.0, 0.75) == pytest.approx(0.05)

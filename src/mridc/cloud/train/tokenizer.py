@@ -12,6 +12,7 @@ The checkpoint that scores best on held-out frames (PSNR penalised for lost or i
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ class TokenizerTrainConfig:
     batch: int = 8
     crop: int = 256
     lr: float = 2e-4
+    # Cosine decay of the autoencoder's lr from this fraction of the budget to its end (to 5 %); 1.0 = constant.
+    # A run can be resumed with a new value: the schedule reads the budget's progress, not the step.
+    lr_decay_from: float = 1.0
     disc_lr: float = 2e-4
     msssim_weight: float = 0.3
     gan_start: float = 0.35  # fraction of the budget
@@ -151,6 +155,8 @@ class TokenizerTask(TrainTask):
         cfg, model, disc, step = self.cfg, self.model, self.disc, ctx.step
         if self.gan_start_step is None and ctx.progress >= cfg.gan_start:
             self.gan_start_step = step
+        for group in self.opt_g.param_groups:
+            group["lr"] = cfg.lr * lr_factor(ctx.progress, cfg.lr_decay_from)
         with ctx.autocast():
             out = model(x)
         rec = out.reconstruction.float()
@@ -222,10 +228,19 @@ class TokenizerTask(TrainTask):
         save_checkpoint(run_dir / "disc.pt", "discriminator", self.disc.state_dict())
 
 
+def lr_factor(progress: float, decay_from: float, floor: float = 0.05) -> float:
+    """1 until `decay_from` of the budget, then a cosine down to `floor` at its end."""
+    if decay_from >= 1.0 or progress <= decay_from:
+        return 1.0
+    t = min(1.0, (progress - decay_from) / (1.0 - decay_from))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainerConfig, TokenizerTrainConfig]:
     trainer = TrainerConfig(out=args.out, steps=args.steps, minutes=args.minutes, eval_every=args.eval_every,
                             seed=args.seed, device=args.device, ema=args.ema, tf32=True)
-    task = TokenizerTrainConfig(batch=args.batch, crop=args.crop, lr=args.lr, gan_start=args.gan_start,
+    task = TokenizerTrainConfig(batch=args.batch, crop=args.crop, lr=args.lr, lr_decay_from=args.lr_decay_from,
+                                gan_start=args.gan_start,
                                 disc_warmup=args.disc_warmup, gan_ramp=args.gan_ramp, tiny=args.tiny,
                                 min_scale=args.min_scale, select=args.select, init=args.init,
                                 init_disc=args.init_disc, init_gan_on=args.init_gan_on,
@@ -262,6 +277,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the decoder only (keeps tokens, codebook and model id; with --init)")
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-decay-from", type=float, default=1.0, metavar="F",
+                   help="cosine-decay the lr over the budget's last part, from fraction F to the end (1 = constant); "
+                        "a resumed run may set it")
     p.add_argument("--disc-warmup", type=int, default=300, help="steps the discriminator trains alone first")
     p.add_argument("--gan-ramp", type=int, default=1000, help="steps over which the adversarial weight ramps in")
     p.add_argument("--min-scale", type=float, default=0.2,
