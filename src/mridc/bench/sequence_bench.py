@@ -223,12 +223,14 @@ def compare(rows: list[dict]) -> list[dict]:
 
 def render_markdown(doc: dict) -> str:
     meta, cfg = doc["meta"], doc["config"]
+    refresh = f"every {cfg['refresh']} frames" if cfg["refresh"] else "none"
     lines = [f"# Fixed-camera sequences ({meta['date']})", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
              f"1-minute load: {meta['load_1min_start']} at start, {meta['load_1min_end']} at end  ",
              (f"Frames: {cfg['video']}, at most {cfg['max_frames']} per interval; first picture (realism "
               f"{cfg['realism']}). mridc-inter: first frame intra at full resolution, then inter frames, every frame "
-              f"acked as stored, intra refresh every {cfg['refresh'] or 'never'} frames. AVIF: each frame at its "
+              f"acked as stored, intra refresh: {refresh}. "
+              "AVIF: each frame at its "
               "MRIDC intra stream's bytes. Video codecs: low-delay P only, one GOP, one-pass, targeting MRIDC "
               f"intra's mean bytes. Left out: {cfg['skipped'] or 'none'}."), "",
              "| interval | variant | bpp | mean bytes/frame | PSNR | MS-SSIM | MNv2-LPIPS |",
