@@ -1,4 +1,4 @@
-"""PSNR / LPIPS-Alex of tokenizer checkpoints at all tokens (torch fp32, no masking, no diffusion).
+"""PSNR / LPIPS-Alex / MNv2-LPIPS of tokenizer checkpoints at all tokens (torch fp32, no masking, no diffusion).
 
 For comparing training candidates before they are exported: the edge bundle and the predictor belong to one
 tokenizer, so `mridc-bench models` can only score the shipped set. Images are fitted to 768 px and padded to
@@ -19,6 +19,7 @@ from mridc.cloud.zoo import load_model
 from mridc.lab.datasets import resolve
 from mridc.lab.lpips import StandardPerceptual
 from mridc.lab.metrics import psnr
+from mridc.lab.perceptual import PerceptualDistance
 
 
 def reconstruct(tokenizer, image: np.ndarray) -> np.ndarray:
@@ -40,13 +41,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     images = resolve(args.images, max_side=args.max_side)
     perceptual = StandardPerceptual.load("cpu", metrics=("lpips_alex",))
+    mnv2 = PerceptualDistance(backend="mnv2")
     for path in args.checkpoints:
         tokenizer = load_model(path, "tokenizer", "cpu").eval()
-        scores = [(psnr(img, rec), perceptual.lpips_alex(img, rec))
+        scores = [(psnr(img, rec), perceptual.lpips_alex(img, rec), mnv2(img, rec))
                   for img in (item.image for item in images) for rec in [reconstruct(tokenizer, img)]]
-        p_mean, l_mean = (float(np.mean(v)) for v in zip(*scores, strict=True))
+        p_mean, l_mean, m_mean = (float(np.mean(v)) for v in zip(*scores, strict=True))
         print(json.dumps({"checkpoint": str(path), "images": len(scores), "psnr": round(p_mean, 3),
-                          "lpips_alex": round(l_mean, 4)}))
+                          "lpips_alex": round(l_mean, 4), "mnv2_lpips": round(m_mean, 4)}))
     return 0
 
 
