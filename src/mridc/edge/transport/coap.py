@@ -78,7 +78,6 @@ class CoapTransport(Transport):
         give_up_s: float = 30.0,
         mtu: int = DEFAULT_MTU,
         pace_s: float = 0.0,
-        **_ignored,
     ) -> None:
         super().__init__(device_id)
         if not 0 < deadline_s <= 3600 or query_interval_s <= 0 or query_timeout_s <= 0 or mtu < 64:
