@@ -274,3 +274,52 @@ def test_inter_chain_survives_outage_service_restart_and_agent_kill(tmp_path, cl
         assert service.terminate() == 0
     finally:
         service.close()
+
+
+def test_an_inter_frame_against_the_wrong_reference_is_rejected(tmp_path, encoder, clip):
+    """A stream that names a reference the cloud holds but was coded against another grid (a forged or
+    confused device): REJECTED with the reason, never decoded against the wrong tokens."""
+    from mridc.shared.inter import compress_inter
+
+    config = ServiceConfig(out_dir=tmp_path / "cloud", grpc_addr="127.0.0.1:0", allow_insecure=True,
+                           realism=0.0, refine_realism=0.0, decoder="test").validate()
+    store = FrameStore(config.out_dir)
+    service = DecodeService(config, make_bundle_paint_decoder(), store)
+    service.start()
+    try:
+        coder = SequenceEncoder(encoder)
+        first = coder.encode(clip[0], 1, 0.05)
+        acks = []
+
+        def submit(sequence, bitstream):
+            done = threading.Event()
+            service.submit(build_envelope(DEVICE, sequence, bitstream, encoder.model_id), "test",
+                           lambda ack: (acks.append(ack), done.set()))
+            assert done.wait(20)
+            return acks[-1]
+
+        assert submit(1, first.bitstream).status == AckStatus.STORED
+        coder.acknowledge(1)
+        honest = coder.encode(clip[1], 2, 0.05)
+        other = ReferenceGrid(np.zeros(first.grid.shape, np.int64), np.ones(first.grid.shape, bool))
+        changes = coder.intra_frame(honest)
+        forged = compress_inter(changes, other, 1, encoder.prior)  # names frame 1, coded against another grid
+        ack = submit(2, forged)
+        assert ack.status == AckStatus.REJECTED and "wrong reference" in ack.reason
+        assert submit(3, honest.bitstream).status == AckStatus.STORED  # and serving goes on
+    finally:
+        service.stop(drain_timeout=5)
+        store.close()
+
+
+def test_sequence_cli_refuses_bad_arguments(tmp_path):
+    base = [sys.executable, "-m", "mridc.edge.cli", "encode", str(DEMO_CLIP), "--bpp", "0.02"]
+    (tmp_path / "file").write_text("")
+    for extra, message in ((["-o", str(tmp_path / "x"), "--every", "0"], "--every must be >= 1"),
+                           (["-o", str(tmp_path / "file")], "is not a folder"),
+                           (["-o", str(tmp_path / "y"), "--slice-bytes", "200"], "inter frames are not sliced")):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "mridc.edge.cli", "encode", str(DEMO_CLIP), "-o",
+                             str(tmp_path / "z")], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "needs --bpp" in result.stderr
