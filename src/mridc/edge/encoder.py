@@ -131,15 +131,17 @@ class EdgeEncoder:
 
     def features(self, image_rgb: np.ndarray, grid: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Frame -> (encoder input frame, code vectors float32 (D, gh, gw)) before quantisation."""
+        padded = self.input_frame(image_rgb, grid)
+        x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
+        return padded, np.asarray(self.runner(np.ascontiguousarray(x))[0], np.float32)
+
+    def input_frame(self, image_rgb: np.ndarray, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """The frame the network sees for `grid`: padded to the stride (full resolution) or resized to it."""
         image_rgb = validate_frame(image_rgb)
         full = protocol.grid_shape(image_rgb.shape[1], image_rgb.shape[0], self.stride)
         if grid is None or tuple(grid) == tuple(full):
-            grid = full
-            padded = mlm.pad_to_grid(image_rgb, grid, self.stride)
-        else:
-            padded = protocol.resize_for_grid(image_rgb, grid, self.stride)
-        x = (padded.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
-        return padded, np.asarray(self.runner(np.ascontiguousarray(x))[0], np.float32)
+            return mlm.pad_to_grid(image_rgb, full, self.stride)
+        return protocol.resize_for_grid(image_rgb, grid, self.stride)
 
     def tokens(self, image_rgb: np.ndarray) -> np.ndarray:
         """The full-resolution token grid, uint16 (gh, gw): what backends are compared on."""

@@ -155,7 +155,7 @@ class SequenceEncoder:
         result = self.encoder.encode(image_rgb, bpp=bpp, **kwargs)
         frame = result.token_frame
         grid = ReferenceGrid.from_frame(frame)
-        padded, _ = self.encoder.features(image_rgb, frame.keep_mask.shape)
+        padded = self.encoder.input_frame(image_rgb, frame.keep_mask.shape)  # for the luma only: no second pass
         self._pending[sequence] = _Reference(grid, cell_luma(padded, grid.shape), frame)
         self._force_reason = ""
         self._since_intra = 0
@@ -180,14 +180,16 @@ class SequenceEncoder:
         changed = known & differs & ((gain > cfg.change_margin) | (np.abs(luma - ref.luma) > cfg.luma_threshold))
         if changed.mean() > cfg.max_changed_fraction:
             return None
-        keys = enc.priority.key_regions(padded, ref.grid.shape, enc.stride)
-        priority = enc.priority.score(padded, ref.grid.shape, enc.stride, quant_error=qerr, tokens=tokens,
-                                      key_mask=keys.mask)
-        # Changed positions first (most changed first), then refreshes of unknown ones (highest priority first).
+        # Changed positions first (most changed first), then refreshes of unknown ones (highest priority first;
+        # the MLM map is only worth computing while the cloud lacks some positions).
         changed_idx = np.flatnonzero(changed)
         changed_idx = changed_idx[np.argsort(-gain.reshape(-1)[changed_idx], kind="stable")]
         unknown_idx = np.flatnonzero(~known)
-        unknown_idx = unknown_idx[np.argsort(-priority.reshape(-1)[unknown_idx], kind="stable")]
+        if unknown_idx.size:
+            keys = enc.priority.key_regions(padded, ref.grid.shape, enc.stride)
+            priority = enc.priority.score(padded, ref.grid.shape, enc.stride, quant_error=qerr, tokens=tokens,
+                                          key_mask=keys.mask)
+            unknown_idx = unknown_idx[np.argsort(-priority.reshape(-1)[unknown_idx], kind="stable")]
         order = np.concatenate([changed_idx, unknown_idx])
         target = enc.rate.target_bytes(bpp, w, h)
 
