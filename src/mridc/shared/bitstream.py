@@ -410,6 +410,20 @@ def _check_model(header: Header, model_id: int | None) -> None:
                              f"model {model_id:08x}")
 
 
+def decode_mask_section(data: bytes, header: Header, found: dict[int, tuple[int, int]], shape: tuple[int, int],
+                        what: str = "mask") -> np.ndarray:
+    """The keep mask (an inter frame's change mask): fixed by ALL_KEPT / NONE_KEPT, else the mask section.
+    `found` maps section type -> (offset, length). CorruptStreamError from the entropy decoder passes through."""
+    if header.flags & (FLAG_ALL_KEPT | FLAG_NONE_KEPT):
+        if SECTION_MASK in found:
+            raise BitstreamError(f"mask section present although the header flags fix the {what}")
+        return np.full(shape, bool(header.flags & FLAG_ALL_KEPT))
+    if SECTION_MASK not in found:
+        raise BitstreamError("mask section missing")
+    offset, length = found[SECTION_MASK]
+    return decode_mask(data[offset: offset + length], *shape)
+
+
 def _decode_body(data: bytes, header: Header, sections, shape: tuple[int, int], prior: TokenPrior,
                  extra_kinds: set[int]) -> tuple[np.ndarray, np.ndarray]:
     """The mask and token sections of a stream (or of a slice, whose band has `shape`)."""
@@ -426,15 +440,7 @@ def _decode_body(data: bytes, header: Header, sections, shape: tuple[int, int], 
     if len(token_kinds) > 1:
         raise BitstreamError("more than one token section")
     try:
-        if header.flags & (FLAG_ALL_KEPT | FLAG_NONE_KEPT):
-            if SECTION_MASK in found:
-                raise BitstreamError("mask section present although the header flags fix the mask")
-            mask = np.full(shape, bool(header.flags & FLAG_ALL_KEPT))
-        else:
-            if SECTION_MASK not in found:
-                raise BitstreamError("mask section missing")
-            offset, length = found[SECTION_MASK]
-            mask = decode_mask(data[offset: offset + length], *shape)
+        mask = decode_mask_section(data, header, found, shape)
         kept = int(mask.sum())
         if kept == 0:
             if token_kinds:

@@ -26,9 +26,7 @@ import numpy as np
 
 from mridc.shared.bitstream import (
     _U32,
-    FLAG_ALL_KEPT,
     FLAG_INTER,
-    FLAG_NONE_KEPT,
     FLAG_RESAMPLED,
     MAX_GRID_SIDE,
     SECTION_ANCILLARY,
@@ -47,6 +45,7 @@ from mridc.shared.bitstream import (
     _section,
     _section_name,
     _write_header,
+    decode_mask_section,
     is_inter,
     reference_fields,
     write_varint,
@@ -62,7 +61,6 @@ from mridc.shared.entropy import (
     _check_tokens,
     _Sink,
     _start_decoder,
-    decode_mask,
     decode_tokens_adaptive,
     decode_tokens_static,
     encode_mask,
@@ -426,15 +424,7 @@ def decompress_inter(data: bytes, prior: TokenPrior, reference: ReferenceGrid | 
                              f"has crc {reference.crc():08x}")
     shape = (header.grid_h, header.grid_w)
     try:
-        if header.flags & (FLAG_ALL_KEPT | FLAG_NONE_KEPT):
-            if SECTION_MASK in found:
-                raise BitstreamError("mask section present although the header flags fix the change mask")
-            mask = np.full(shape, bool(header.flags & FLAG_ALL_KEPT))
-        else:
-            if SECTION_MASK not in found:
-                raise BitstreamError("mask section missing")
-            offset, length = found[SECTION_MASK]
-            mask = decode_mask(data[offset: offset + length], *shape)
+        mask = decode_mask_section(data, header, found, shape, "change mask")
         changed = int(mask.sum())
         token_kind = next((k for k in _TOKEN_KINDS if k in found), None)
         if changed == 0:
