@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_transport_mqtt import wait_until
 
 from mridc.cloud.sequence import NeedIntra, SequenceFrames
 from mridc.cloud.service.config import ServiceConfig
@@ -222,28 +223,20 @@ def test_inter_chain_survives_outage_service_restart_and_agent_kill(tmp_path, cl
         finally:
             store.close()
 
-    def wait(predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return False
-
     service = ServiceProcess(serve, log_path=log_path, timeout=60)
     agent = subprocess.Popen(edge, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        assert wait(lambda: len(stored()) >= 4, 60), service.log_tail()
+        assert wait_until(lambda: len(stored()) >= 4, 60), service.log_tail()
         link.set_down("drop")  # everything in flight is lost, then the link comes back
         time.sleep(2.0)
         link.set_up()
-        assert wait(lambda: len(stored()) >= 7, 60), service.log_tail()
+        assert wait_until(lambda: len(stored()) >= 7, 60), service.log_tail()
         # A restart between references and their inter frames: the grids are in the index, the chain goes on.
         service.kill()
         time.sleep(1.0)
         service = ServiceProcess(serve, log_path=log_path, timeout=60)
         before = len(stored())
-        assert wait(lambda: len(stored()) >= before + 3, 60), service.log_tail()
+        assert wait_until(lambda: len(stored()) >= before + 3, 60), service.log_tail()
         assert "frame needs intra" not in log_path.read_text()
         # A cloud that lost its references (a new index, a purge): NEED_INTRA, and the agent sends intra.
         service.kill()
@@ -253,7 +246,7 @@ def test_inter_chain_survives_outage_service_restart_and_agent_kill(tmp_path, cl
         time.sleep(1.0)
         service = ServiceProcess(serve, log_path=log_path, timeout=60)
         before = len(stored())
-        assert wait(lambda: len(stored()) >= before + 3, 60), service.log_tail()
+        assert wait_until(lambda: len(stored()) >= before + 3, 60), service.log_tail()
     finally:
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)

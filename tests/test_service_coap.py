@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_helpers import REPO_ROOT, TESTS_DIR, ServiceProcess
+from test_transport_mqtt import wait_until
 
 from mridc.cloud.service.config import ServiceConfig
 from mridc.cloud.service.ingest_coap import SliceAssembler, free_udp_port
@@ -340,23 +341,15 @@ def test_agent_kill9_and_service_restart_over_a_lossy_link_lose_nothing(tmp_path
         finally:
             store.close()
 
-    def wait(predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return False
-
     service = ServiceProcess(serve, log_path=log_path, timeout=60)
     first = subprocess.Popen(edge, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO_ROOT)
     try:
-        assert wait(lambda: stored() >= 3, 60), service.log_tail()
+        assert wait_until(lambda: stored() >= 3, 60), service.log_tail()
         service.kill()  # SIGKILL: the slices it was gathering are gone
         time.sleep(1.5)  # the agent keeps capturing and sending into nothing
         service = ServiceProcess(serve, log_path=log_path, timeout=60)
         before = stored()
-        assert wait(lambda: stored() >= before + 3, 60), service.log_tail()
+        assert wait_until(lambda: stored() >= before + 3, 60), service.log_tail()
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
@@ -400,3 +393,13 @@ def test_the_default_slice_budget_fits_a_lorawan_payload():
                                            transport.max_slice_bytes - 2)] * 3))
     sizes = [len(d) for d in transport._datagrams(envelope)]
     assert max(sizes) + 16 <= 222 and transport.stats["oversized"] == 0
+    # CoAP's bytes around a slice datagram, as aiocoap writes them (2-byte token), fit the budgeted 16.
+    import aiocoap
+
+    from mridc.edge.transport.coap import COAP_HEADER_BYTES
+
+    message = aiocoap.Message(code=aiocoap.POST, uri="coap://127.0.0.1/s", payload=b"x" * 100,
+                              transport_tuning=aiocoap.Unreliable)
+    message.opt.no_response = 26
+    message.mid, message.token, message.mtype = 1, b"\x12\x34", aiocoap.NON
+    assert len(message.encode()) - 100 <= COAP_HEADER_BYTES

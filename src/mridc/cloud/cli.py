@@ -55,11 +55,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_decode(args) -> int:
-    import torch
     from PIL import Image
 
-    from mridc.cloud.pipeline import FILLS, DecodeSettings, MRIDCDecoder
-    from mridc.cloud.zoo import ModelFileError
+    from mridc.cloud.pipeline import FILLS, DecodeSettings
 
     if not 0.0 <= args.realism <= 1.0:
         raise InvalidInput(f"--realism must be within 0..1, got {args.realism}")
@@ -70,12 +68,7 @@ def cmd_decode(args) -> int:
     if Path(args.stream).is_dir():
         return _decode_sequence(args)
     data = _read_stream(args.stream)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        decoder = MRIDCDecoder.from_models(args.models, device=args.device, backend=args.backend)
-    except ModelFileError as exc:
-        raise InvalidInput(str(exc)) from exc
+    decoder = _open_decoder(args)
     t0 = time.perf_counter()
     slices_info = None
     from mridc.shared.slices import decompress_slices, is_sliced_file, unpack_slices
@@ -119,15 +112,29 @@ def cmd_decode(args) -> int:
     return EXIT_OK
 
 
+def _open_decoder(args):
+    """The MRIDC decoder `decode` asks for (--models, --device, --backend, --threads); a bad models folder is
+    invalid input."""
+    import torch
+
+    from mridc.cloud.pipeline import MRIDCDecoder
+    from mridc.cloud.zoo import ModelFileError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return MRIDCDecoder.from_models(args.models, device=args.device, backend=args.backend)
+    except ModelFileError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
 def _decode_sequence(args) -> int:
     """`mridc-cloud decode DIR -o OUTDIR`: every NNNNNN.mrd of a sequence, in order, to NNNNNN.png; an inter
     frame is decoded against the frames before it (mridc.cloud.sequence)."""
-    import torch
     from PIL import Image
 
-    from mridc.cloud.pipeline import DecodeSettings, MRIDCDecoder
+    from mridc.cloud.pipeline import DecodeSettings
     from mridc.cloud.sequence import NeedIntra, SequenceFrames
-    from mridc.cloud.zoo import ModelFileError
     from mridc.shared.bitstream import BitstreamError
 
     streams = sorted(Path(args.stream).glob("*.mrd"))
@@ -137,12 +144,7 @@ def _decode_sequence(args) -> int:
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out} exists and is not a folder (a sequence decodes into -o OUTDIR)")
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        decoder = MRIDCDecoder.from_models(args.models, device=args.device, backend=args.backend)
-    except ModelFileError as exc:
-        raise InvalidInput(str(exc)) from exc
+    decoder = _open_decoder(args)
     frames = SequenceFrames(decoder.prior, model_id=decoder.model_id)
     settings = DecodeSettings(realism=args.realism, seed=args.seed, fill=args.fill,
                               steps=args.steps or DEFAULT_REFINE_STEPS)
