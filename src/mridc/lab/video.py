@@ -17,7 +17,7 @@ Bytes are counted honestly, on the codec's own elementary stream, no container:
   first access unit); AV1 as the Section 5 low-overhead OBU stream (``.obu``; each temporal unit starts with a
   2-byte temporal-delimiter OBU, which is counted). IVF would add 32 + 12 bytes per frame, so it is not used.
 - Encoder-identification metadata a decoder does not need is not sent: x264's version/options SEI is removed
-  with ``-bsf:v filter_units=remove_types=6`` (that SEI alone is ~600 bytes), x265 is told ``info=0``.
+  with ``-bsf:v filter_units=remove_types=6`` (the encoder's settings as text), x265 is told ``info=0``.
   SVT-AV1 writes none.
 - ``bytes_per_frame`` are ffprobe's packet sizes (``-show_packets``) of that stream; their sum equals the
   stream's file size, and ``encode_sequence`` checks that it does.

@@ -44,7 +44,9 @@ from mridc.v1 import mridc_pb2
 log = logging.getLogger("mridc.edge.coap")
 
 DEFAULT_MTU = 1152  # RFC 7252's recommended upper bound for a CoAP message
-COAP_HEADER_BYTES = 16  # header 4, token <= 8, Uri-Path "s" 2, No-Response 2 (+ payload marker); measured 12
+# CoAP's own bytes around the payload: header 4, token, Uri-Path "s" 2, No-Response 4, payload marker 1. With
+# aiocoap's 2-byte tokens that is 12 (tests/test_service_coap.py checks it); 16 leaves room for a 6-byte token.
+COAP_HEADER_BYTES = 16
 
 
 def datagram_overhead(device_id: str) -> int:
