@@ -115,3 +115,54 @@ def test_unet_preserves_the_image_shape(tiny):
     out = unet(torch.randn(1, 3, 32, 48), torch.tensor([10]), torch.randn(1, 4, 32, 48))
     assert out.shape == (1, 3, 32, 48)
     assert np.isfinite(out.detach().numpy()).all()
+
+
+def test_copy_votes_count_kept_neighbours_by_index():
+    """The copy term against a direct count: each kept token within the window votes for its own index with
+    the kernel weight of its offset; masked tokens never vote."""
+    torch.manual_seed(1)
+    cfg = tiny_predictor_config(8)
+    model = BidirectionalTokenPredictor(cfg)
+    with torch.no_grad():
+        model.copy_weight.normal_()
+    tokens = torch.randint(0, 8, (2, 5, 6))
+    keep = torch.rand(2, 5, 6) < 0.5
+    votes = model.copy_votes(tokens, keep)
+    kernel = model.copy_weight.exp()[0, 0]
+    r = cfg.copy_kernel // 2
+    expected = torch.zeros(2, 5, 6, 8)
+    for n in range(2):
+        for y in range(5):
+            for x in range(6):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        yy, xx = y + dy, x + dx
+                        if 0 <= yy < 5 and 0 <= xx < 6 and keep[n, yy, xx]:
+                            expected[n, y, x, tokens[n, yy, xx]] += kernel[dy + r, dx + r]
+    assert torch.allclose(votes, expected, atol=1e-6)
+
+
+def test_an_untrained_copy_predictor_already_copies_an_isolated_neighbour():
+    """With the copy term a new model starts from "a neighbour's token": one kept token in a masked field is
+    the top-1 guess at every masked position next to it."""
+    model = BidirectionalTokenPredictor(tiny_predictor_config(16)).eval()
+    tokens = torch.zeros(1, 5, 5, dtype=torch.long)
+    tokens[0, 2, 2] = 11
+    keep = torch.zeros(1, 5, 5, dtype=torch.bool)
+    keep[0, 2, 2] = True
+    with torch.no_grad():
+        top1 = model(tokens, keep).argmax(-1)[0]
+    assert (top1[1:4, 1:4] == 11).all()
+
+
+def test_a_position_offset_changes_only_the_positions():
+    """Training shifts the position grid; a shift of zero is the plain forward pass, and a shift changes it."""
+    torch.manual_seed(2)
+    model = BidirectionalTokenPredictor(tiny_predictor_config(16)).eval()
+    torch.nn.init.normal_(model.head.weight)  # a new model's head is zero; a trained one reads the positions
+    tokens = torch.randint(0, 16, (1, 4, 4))
+    keep = torch.rand(1, 4, 4) < 0.5
+    with torch.no_grad():
+        plain = model(tokens, keep)
+        assert torch.equal(plain, model(tokens, keep, position_offset=(0, 0)))
+        assert not torch.allclose(plain, model(tokens, keep, position_offset=(3, 5)))

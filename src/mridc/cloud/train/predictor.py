@@ -33,12 +33,20 @@ class PredictorTrainConfig:
     tiny: bool = False
     init: str | None = None
     mask_source: str = "random"  # random | edge | mixed (see the module docstring)
+    copy_kernel: int = 7  # neighbour copy term of a new model (0 = none); see mridc.cloud.predictor
+    dropout: float = 0.1
+    width: int = 256  # transformer width and depth of a new model
+    depth: int = 6
+    position_jitter: int = 32  # random shift of the position grid, so large grids stay in distribution
     data: list[str] | None = None
     shared_data: str | None = None
 
 
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, masks: torch.Tensor) -> dict:
+    """Top-1/top-5 on the masked positions, beside the nearest-kept-token copy it has to beat."""
+    from mridc.cloud.pipeline import nearest_kept_tokens
+
     model.eval()
     logits = model(tokens, masks).float()
     model.train()
@@ -47,7 +55,9 @@ def evaluate(model, tokens: torch.Tensor, masks: torch.Tensor) -> dict:
     pred = logits[masked]
     top1 = (pred.argmax(-1) == target).float().mean()
     top5 = (pred.topk(5, dim=-1).indices == target[:, None]).any(-1).float().mean()
-    return {"top1": float(top1), "top5": float(top5), "loss": float(torch.nn.functional.cross_entropy(pred, target))}
+    nearest = (nearest_kept_tokens(tokens, masks)[masked] == target).float().mean()
+    return {"top1": float(top1), "top5": float(top5), "nearest_top1": float(nearest),
+            "loss": float(torch.nn.functional.cross_entropy(pred, target))}
 
 
 class PredictorTask(TrainTask):
@@ -61,7 +71,9 @@ class PredictorTask(TrainTask):
         self.tokenizer = load_model(cfg.tokenizer, "tokenizer", device)
         self.stride = self.tokenizer.cfg.stride
         mcfg = (tiny_predictor_config(self.tokenizer.cfg.codebook_size) if cfg.tiny
-                else PredictorConfig(codebook_size=self.tokenizer.cfg.codebook_size))
+                else PredictorConfig(codebook_size=self.tokenizer.cfg.codebook_size, copy_kernel=cfg.copy_kernel,
+                                     dropout=cfg.dropout, dim=cfg.width, depth=cfg.depth,
+                                     heads=max(1, cfg.width // 32)))
         self.model = BidirectionalTokenPredictor(mcfg).to(device)
         self.model = init_from_shipped("predictor", cfg.init, device) or self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.96), weight_decay=0.01)
@@ -78,24 +90,28 @@ class PredictorTask(TrainTask):
         shared = Path(cfg.shared_data) if cfg.shared_data else default_shared_data_dir()
         images = [img for spec in (cfg.data or default_train_sources(shared)) for img in parse_source(spec)]
         self.sampler = CropSampler(images, cfg.crop, device)
-        val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)] + images[:3],
-                               cfg.crop, device, min_scale=0.5).sample(16, random.Random(7))
+        # Held-out images only, on grids twice the training crop's side: the full frames it fills are larger
+        # than its crops, so selection must reward what carries over to them.
+        val_imgs = CropSampler([i for s in default_val_sources(shared) for i in parse_source(s)],
+                               2 * cfg.crop, device, min_scale=0.3).sample(16, random.Random(7))
         with torch.no_grad():
             self.val_tokens, self.val_masks = self._tokens_and_masks(
                 val_imgs, torch.Generator().manual_seed(7), min_keep=0.3, max_keep=0.75)
 
     @torch.no_grad()
-    def sample(self, streams: DataStreams) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, streams: DataStreams) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         x = self.sampler.sample(self.cfg.batch, streams.rng)
-        return self._tokens_and_masks(x, streams.gen)
+        jitter = self.cfg.position_jitter
+        offset = (streams.rng.randint(0, jitter), streams.rng.randint(0, jitter)) if jitter else (0, 0)
+        return (*self._tokens_and_masks(x, streams.gen), offset)
 
     def train_step(self, batch, ctx: StepContext) -> dict:
-        tokens, masks = batch
+        tokens, masks, offset = batch
         lr = self.cfg.lr * min(1.0, (ctx.step + 1) / self.cfg.warmup)
         for g in self.opt.param_groups:
             g["lr"] = lr
         with ctx.autocast():
-            logits = self.model(tokens, masks)
+            logits = self.model(tokens, masks, position_offset=offset)
         loss = masked_token_loss(logits, tokens, masks)
         ctx.optimize(loss, self.opt)
         return {"loss": loss, "lr": lr}
@@ -105,7 +121,7 @@ class PredictorTask(TrainTask):
         return {**metrics, "score": metrics["top1"]}
 
     def describe(self, m: dict) -> str:
-        return f"top1 {m['top1']:.3f} top5 {m['top5']:.3f}"
+        return f"top1 {m['top1']:.3f} top5 {m['top5']:.3f} (nearest copy {m['nearest_top1']:.3f})"
 
     def best_meta(self, step: int, metrics: dict) -> dict:
         return {"step": step, "val": metrics, "tokenizer": str(self.cfg.tokenizer), "masks": self.cfg.mask_source}
@@ -117,7 +133,8 @@ def train_predictor(args: argparse.Namespace) -> Path:
                             seed=args.seed, device=args.device, ema=args.ema)
     task = PredictorTrainConfig(tokenizer=args.tokenizer, batch=args.batch, crop=args.crop, lr=args.lr,
                                 tiny=args.tiny, init=args.init, mask_source=args.mask_source, data=args.data,
-                                shared_data=args.shared_data)
+                                shared_data=args.shared_data, copy_kernel=args.copy_kernel, dropout=args.dropout,
+                                position_jitter=args.position_jitter, width=args.width, depth=args.depth)
     return Trainer(trainer, PredictorTask(task)).run()
 
 
@@ -127,6 +144,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the evaluated/shipped weights (0 = off)")
     p.add_argument("--mask-source", choices=MASK_SOURCES, default="random",
                    help="training masks: random (default), edge (the camera's selection policy) or mixed")
+    p.add_argument("--copy-kernel", type=int, default=7,
+                   help="side of the neighbour copy window of a new model (odd; 0 = no copy term)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout of a new model")
+    p.add_argument("--width", type=int, default=256, help="transformer width of a new model (heads: width/32)")
+    p.add_argument("--depth", type=int, default=6, help="transformer blocks of a new model")
+    p.add_argument("--position-jitter", type=int, default=32,
+                   help="random shift of the position grid in training, in tokens (0 = off)")
 
 
 def main(argv=None) -> int:
