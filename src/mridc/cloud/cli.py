@@ -5,6 +5,7 @@ Commands:
   inspect   print an .mrd stream's header and section sizes (no models needed)
   serve     run the ingest/decoder service (MQTT shared subscription and/or gRPC)
   frames    list decoded frames stored by the service
+  adapt     fine-tune the decoder to one fixed camera's scene from calibration frames
   train     train the tokenizer, predictor or diffusion model (or all: a session)
   export    build the edge bundle (ONNX fp32/int8, codebook, token prior) from the tokenizer
   data      build the training corpus (train/val, deduplicated, with a provenance manifest)
@@ -170,6 +171,71 @@ def _decode_sequence(args) -> int:
     return EXIT_OK
 
 
+def cmd_adapt(args) -> int:
+    """`mridc-cloud adapt IMAGES_OR_VIDEO... --out DIR`: a models folder adapted to the scene."""
+    import torch
+
+    from mridc.cloud.adapt import AdaptConfig, adapt_scene, pick_frames, write_scene_folder
+    from mridc.cloud.pipeline import MRIDCDecoder
+    from mridc.cloud.zoo import ModelFileError
+    from mridc.edge.capture import CaptureError, open_source
+    from mridc.edge.encoder import EdgeEncoder
+
+    if args.minutes <= 0 and args.steps <= 0:
+        raise InvalidInput("give a budget: --minutes > 0 or --steps > 0")
+    if args.threads < 1:
+        raise InvalidInput("--threads must be at least 1")
+    if not 2 <= args.max_frames <= 1000:
+        raise InvalidInput("--max-frames must be within 2..1000 (one frame is held out to decide)")
+    try:
+        bpps = tuple(float(b) for b in args.bpp.split(",") if b.strip())
+    except ValueError:
+        raise InvalidInput(f"--bpp takes comma-separated budgets, got {args.bpp!r}") from None
+    if not bpps or not all(0 < b <= 1 for b in bpps):
+        raise InvalidInput("--bpp budgets must be within (0, 1]")
+    try:
+        scale = args.scale if args.scale == "auto" else float(args.scale)
+    except ValueError:
+        raise InvalidInput(f"--scale takes auto or a factor, got {args.scale!r}") from None
+    torch.set_num_threads(args.threads)
+    frames = []
+    try:
+        for uri in args.inputs:
+            for index, captured in enumerate(open_source(uri, fps=0)):
+                if index % args.every == 0:
+                    frames.append(captured.image)
+    except CaptureError as exc:
+        raise InvalidInput(str(exc)) from exc
+    frames = pick_frames(frames, args.max_frames)
+    if len(frames) < 2:
+        raise InvalidInput(f"adaptation needs at least 2 calibration frames (one is held out), got {len(frames)}")
+    base_dir = Path(args.models) if args.models else default_models_dir()
+    out = Path(args.out)
+    try:
+        decoder = MRIDCDecoder.from_models(base_dir, with_diffusion=False)
+        encoder = EdgeEncoder.from_bundle(models_dir=base_dir, backend="onnx", scale=scale)
+        current = MRIDCDecoder.from_models(out, with_diffusion=False) if (out / "adapter.pt").exists() else None
+    except ModelFileError as exc:
+        raise InvalidInput(str(exc)) from exc
+    cfg = AdaptConfig(minutes=args.minutes, steps=args.steps, bpps=bpps, part=args.part, seed=args.seed)
+    print(f"adapting to {len(frames)} frames ({len(frames) - 1} for training, the newest held out), "
+          f"{args.minutes:g} min on {args.threads} threads", file=sys.stderr)
+    adaptation = adapt_scene(frames, encoder, decoder, cfg, meta={"inputs": list(args.inputs)},
+                             progress=not args.json, current=current)
+    info = write_scene_folder(out, adaptation, base_dir)
+    r = adaptation.result
+    summary = {"out": str(out), "accepted": r.accepted, "version": info["version"], "frames": len(frames),
+               "held_out_psnr_before": round(r.base_psnr, 3), "held_out_psnr_after": round(r.adapted_psnr, 3),
+               "steps": r.steps, "cpu_seconds": round(r.cpu_seconds, 1), "adapter_bytes": info["bytes"]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verdict = "accepted" if r.accepted else "NOT accepted (kept in rejected/; the folder's decoder is unchanged)"
+        print(f"{out}: {verdict}: held-out frame {r.base_psnr:.2f} -> {r.adapted_psnr:.2f} dB after {r.steps} steps "
+              f"({r.cpu_seconds / 60:.1f} CPU min), adapter {info['bytes'] / 1e3:.0f} kB, version {info['version']}")
+    return EXIT_OK if r.accepted else 3
+
+
 def cmd_train(args) -> int:
     module = {"tokenizer": "mridc.cloud.train.tokenizer", "predictor": "mridc.cloud.train.predictor",
               "diffusion": "mridc.cloud.train.diffusion", "all": "mridc.cloud.train.session"}[args.model]
@@ -244,6 +310,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frames", help="list stored frames", formatter_class=HelpFormatter)
     add_frames_arguments(p)
     p.set_defaults(func=run_frames)
+
+    p = sub.add_parser("adapt", help="fine-tune the decoder to one fixed camera's scene (a models folder)",
+                       formatter_class=HelpFormatter,
+                       description="Scene adaptation for a fixed camera: the calibration frames are encoded the way "
+                                   "the camera encodes live frames (--bpp), and a small part of the cloud's decoder "
+                                   "is fine-tuned to decode them. The encoder and codebook do not change, so the "
+                                   "camera's streams stay valid. The newest frame is held out: the result is kept "
+                                   "only if it decodes that frame better than the folder's current decoder "
+                                   "(exit 3 otherwise; it is then written to OUT/rejected/). See "
+                                   "docs/adaptation.md.\n"
+                                   "Example: mridc-cloud adapt lobby.mp4 --out models-lobby --minutes 15 --threads 2\n"
+                                   "         mridc-cloud decode frame.mrd -o frame.png --models models-lobby")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_VIDEO",
+                   help="calibration frames: image files, image folders or video files (oldest first)")
+    p.add_argument("--out", required=True, help="the scene's models folder to write (adapter.pt, adaptation.json)")
+    p.add_argument("--minutes", type=float, default=15.0, help="optimisation budget in wall-clock minutes")
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = no step limit)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--max-frames", type=int, default=20, help="calibration frames used, spread over the inputs")
+    p.add_argument("--every", type=int, default=1, help="take every K-th frame of the inputs")
+    p.add_argument("--bpp", default="0.02,0.03", help="the live budgets the camera encodes at, comma-separated")
+    p.add_argument("--scale", default="auto", help="the camera's encoder scale setting (auto, or a factor)")
+    p.add_argument("--part", default="tail", choices=("norms", "tail", "all"),
+                   help="decoder weights that move: norms (~20 kB), tail (default) or all (a full copy)")
+    p.add_argument("--models", help="base models folder (default: $MRIDC_MODELS or the repository's models/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("train",
                        help="train a model (arguments after the model name go to its trainer; see --help there)",
