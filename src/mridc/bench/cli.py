@@ -38,6 +38,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "refine": "mridc.bench.refine_bench",
     "loss": "mridc.bench.loss_bench",
     "sequence": "mridc.bench.sequence_bench",
+    "adapt": "mridc.bench.adapt_bench",
     "plot-log": "mridc.bench.plot_log",
 }
 
