@@ -86,11 +86,11 @@ def test_mosquitto_acl_is_built_from_the_topic_scheme():
     from mridc.cloud.service.security import mosquitto_acl
 
     acl = mosquitto_acl(["svc"]).splitlines()
-    assert acl[2:8] == ["user svc", "topic read mridc/v1/+/frames", "topic read mridc/v1/+/status",
-                        "topic write mridc/v1/+/acks", "topic readwrite mridc/v1/+/preview",
-                        "topic readwrite mridc/v1/+/refined"]
-    assert acl[9:12] == ["pattern write mridc/v1/%u/frames", "pattern readwrite mridc/v1/%u/status",
-                         "pattern read mridc/v1/%u/acks"]
+    assert acl[2:9] == ["user svc", "topic read mridc/v1/+/frames", "topic read mridc/v1/+/calibration",
+                        "topic read mridc/v1/+/status", "topic write mridc/v1/+/acks",
+                        "topic readwrite mridc/v1/+/preview", "topic readwrite mridc/v1/+/refined"]
+    assert acl[10:14] == ["pattern write mridc/v1/%u/frames", "pattern write mridc/v1/%u/calibration",
+                          "pattern readwrite mridc/v1/%u/status", "pattern read mridc/v1/%u/acks"]
 
 
 def test_the_topic_literal_lives_in_one_production_module():

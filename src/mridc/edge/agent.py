@@ -32,7 +32,8 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from mridc.edge.capture import CapturedFrame
-from mridc.edge.queue import FrameQueue, PutResult
+from mridc.edge.calibration import CalibrationScheduler, CalibrationSection, encode_still
+from mridc.edge.queue import CALIBRATION, FrameQueue, PutResult
 from mridc.edge.transport.base import Transport
 from mridc.shared.protocol import AckStatus, is_final
 from mridc.v1 import mridc_pb2
@@ -58,6 +59,7 @@ class Forwarder:
         self.retry_later_s = retry_later_s
         self._inflight: dict[int, float] = {}  # sequence -> resend after (monotonic)
         self._held: dict[int, float] = {}  # RETRY_LATER: sequence -> not before (monotonic)
+        self._stills: set[int] = set()  # calibration stills among the in-flight sequences (one at a time)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.stats = {"sent": 0, "resent": 0, "ack_timeouts": 0, "acked": 0, "retry_later": 0, "resets": 0,
@@ -65,6 +67,8 @@ class Forwarder:
         self._ever_sent: set[int] = set()
         # Called with (sequence, status) for every ack applied (the sequence encoder learns its references).
         self.ack_listeners: list = []
+        # Called (no arguments) when an ack asks for calibration stills (scene adaptation).
+        self.calibration_listeners: list = []
         transport.on_ack = self._on_ack
         transport.on_reset = self._on_reset
 
@@ -94,6 +98,12 @@ class Forwarder:
                 listener(ack.sequence, ack.status)
             except Exception:
                 log.exception("%s: ack listener failed", self.queue.device_id)
+        if ack.calibrate:
+            for listener in self.calibration_listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("%s: calibration listener failed", self.queue.device_id)
         self._wake.set()
 
     def _on_reset(self) -> None:
@@ -119,19 +129,37 @@ class Forwarder:
             for seq, not_before in list(self._held.items()):
                 if not_before <= now:
                     del self._held[seq]
+            self._stills &= set(self._inflight)
             room = self.window - len(self._inflight)
             exclude = set(self._inflight) | set(self._held)
+            still_in_flight = bool(self._stills)
         if room <= 0:
             return 0
         sent = 0
         for frame in self.queue.pending(limit=room, exclude=exclude):
+            if frame.kind == CALIBRATION:
+                if still_in_flight:  # one still at a time, so a burst of stills never fills the window
+                    continue
+                still_in_flight = True
+                with self._lock:
+                    self._stills.add(frame.sequence)
             # Book-keeping before the send: its ack may arrive (on the transport's thread) before send() returns,
             # and entries made after that ack would hold the frame until the ack timeout (and leak the id).
             with self._lock:
                 self._inflight[frame.sequence] = time.monotonic() + self.ack_timeout_s
                 resend = frame.sequence in self._ever_sent
                 self._ever_sent.add(frame.sequence)
-            if not self.transport.send(frame.to_envelope()):
+            if frame.kind == CALIBRATION and not self.transport.supports_calibration:
+                # queued under another transport's config: this link cannot carry it, and never will
+                log.warning("%s: transport cannot send calibration stills; dropping still %d",
+                            self.queue.device_id, frame.sequence)
+                with self._lock:
+                    self._inflight.pop(frame.sequence, None)
+                self.queue.ack(frame.sequence, AckStatus.REJECTED)
+                continue
+            sent_ok = (self.transport.send_calibration(frame.to_calibration()) if frame.kind == CALIBRATION
+                       else self.transport.send(frame.to_envelope()))
+            if not sent_ok:
                 with self._lock:
                     self._inflight.pop(frame.sequence, None)
                     if not resend:
@@ -177,6 +205,7 @@ class EdgeAgent:
         slice_bytes: int = 0,
         prior=None,
         sequence=None,
+        calibration: CalibrationSection | None = None,
     ) -> None:
         self.device_id = device_id
         # slice_bytes > 0: each frame is queued as slices of at most that size (mridc.shared.slices), which
@@ -201,10 +230,15 @@ class EdgeAgent:
         self.forwarder = Forwarder(queue, transport, window=window, ack_timeout_s=ack_timeout_s,
                                    retry_later_s=retry_later_s)
         self.stats = {"captured": 0, "accepted": 0, "refused": 0, "dropped_oldest": 0, "encode_errors": 0,
-                      "bpp_lowered": 0, "slices": 0, "intra": 0, "inter": 0}
+                      "bpp_lowered": 0, "slices": 0, "intra": 0, "inter": 0, "calibration": 0}
         self._connects_seen = 0
         if sequence is not None:
             self.forwarder.ack_listeners.append(self._sequence_ack)
+        # Calibration stills (scene adaptation): at start-up, on a schedule and when the cloud asks.
+        self.calibration = CalibrationScheduler(calibration or CalibrationSection())
+        if self.calibration.config.enabled and not transport.supports_calibration:
+            raise ValueError("calibration stills need a transport that carries them (MQTT)")
+        self.forwarder.calibration_listeners.append(self.calibration.request)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.accepted_sequences: list[int] = []  # this run's accepted frames, in order (for tests/reports)
@@ -295,7 +329,33 @@ class EdgeAgent:
         return put
 
     def submit(self, image, capture_time_us: int | None = None) -> PutResult | None:
-        """Encode one RGB frame and put it in the queue. Returns the queue's verdict (None: encode failed)."""
+        """Encode one RGB frame and put it in the queue. Returns the queue's verdict (None: encode failed).
+        When a calibration still is due, the frame is also queued as one, after the live frame."""
+        put = self._submit_live(image, capture_time_us)
+        reason = self.calibration.due()
+        if reason is not None:
+            self._submit_still(image, capture_time_us, reason)
+        return put
+
+    def _submit_still(self, image, capture_time_us: int | None, reason: str) -> None:
+        cfg = self.calibration.config
+        try:
+            still, width, height = encode_still(image, cfg.max_bytes, cfg.quality)
+        except Exception:
+            log.exception("%s: calibration still failed", self.device_id)
+            return
+        model_id = int(getattr(self.encoder, "model_id", 0) or 0)
+        put = self.queue.put(still, capture_time_us=capture_time_us, model_id=model_id, kind=CALIBRATION,
+                             meta={"format": "jpeg", "width": str(width), "height": str(height), "reason": reason})
+        if put.accepted:
+            self.stats["calibration"] += 1
+            self.forwarder.wake()
+            log.info("%s: calibration still %d queued (%s, %d bytes)", self.device_id, put.sequence, reason,
+                     len(still))
+        else:
+            log.warning("%s: calibration still refused by the queue: %s", self.device_id, put.reason)
+
+    def _submit_live(self, image, capture_time_us: int | None) -> PutResult | None:
         self.stats["captured"] += 1
         if self.sequence is not None:
             put = self._submit_sequence(image, capture_time_us)
@@ -431,7 +491,7 @@ def build_agent(config, encoder: Encoder, *, source=None, max_frames: int | None
         bpp=config.encoder.bpp, min_bpp=config.encoder.min_bpp,
         rois=[(r.x, r.y, r.w, r.h) for r in config.encoder.rois], heartbeat_s=config.status.heartbeat_s,
         window=config.transport.window, ack_timeout_s=config.transport.ack_timeout_s, slice_bytes=slice_bytes,
-        sequence=sequence,
+        sequence=sequence, calibration=config.calibration,
     )
 
 

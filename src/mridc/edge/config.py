@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mridc.edge.calibration import CalibrationSection
 from mridc.edge.queue import POLICIES
 from mridc.shared.protocol import DEVICE_ID_RULE, is_valid_device_id
 
@@ -116,6 +117,7 @@ class DeviceConfig:
     transport: TransportSection = field(default_factory=TransportSection)
     queue: QueueSection = field(default_factory=QueueSection)
     status: StatusSection = field(default_factory=StatusSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
 
     # -- derived values ----------------------------------------------------------------------------
     def queue_path(self) -> Path:
@@ -142,6 +144,10 @@ class DeviceConfig:
         if scheme not in ("mqtt", "mqtts", "grpc", "grpcs", "coap"):
             raise ConfigError(f"transport.url {self.transport.url!r} must start with mqtt://, mqtts://, grpc://, "
                               "grpcs:// or coap://")
+        self.calibration.validate()
+        if self.calibration.enabled and scheme not in ("mqtt", "mqtts"):
+            raise ConfigError("calibration.enabled needs an MQTT transport (calibration stills go on their own "
+                              "MQTT channel)")
         from mridc.shared.slices import MAX_SLICE_BYTES, MIN_SLICE_BYTES
 
         if self.encoder.slice_bytes and not MIN_SLICE_BYTES <= self.encoder.slice_bytes <= MAX_SLICE_BYTES:

@@ -6,12 +6,17 @@ A frame is *accepted* only once its row is committed with ``synchronous=FULL``, 
 intra ``fallback`` (the same token grid coded alone): NEED_INTRA (the cloud lacks its reference) swaps it in,
 so the frame is sent again intra and nothing is lost.
 
+A calibration still (scene adaptation) is queued the same way, with ``kind = "calibration"`` and a lower
+priority: ``pending`` hands out every live frame before any calibration frame, so calibration never delays
+a live frame in the queue.
+
 Sequence numbers are allocated in the same transaction as the insert and persisted in the
 ``meta`` table, so they stay strictly increasing across restarts even when the queue is empty.
 
 When the queue is full, the configured policy decides, and every drop is counted:
 
-- ``drop_oldest``: the oldest queued frames are deleted to make room for the new one;
+- ``drop_oldest``: the oldest queued frames are deleted to make room for the new one (calibration stills
+  before any live frame);
 - ``drop_newest``: the new frame is refused (no sequence number is used);
 - ``lower_bpp``: above ``pressure_watermark`` the result asks the producer to lower its bit rate;
   when completely full it behaves like ``drop_oldest``.
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from mridc.shared.protocol import AckStatus, build_envelope, is_final
+from mridc.shared.protocol import AckStatus, build_calibration, build_envelope, is_final
 from mridc.v1 import mridc_pb2
 
 POLICIES = ("drop_oldest", "drop_newest", "lower_bpp")
@@ -57,9 +62,14 @@ CREATE TABLE IF NOT EXISTS frames (
     meta_json TEXT NOT NULL,
     enqueued_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    fallback BLOB
+    fallback BLOB,
+    kind TEXT NOT NULL DEFAULT 'frame',
+    priority INTEGER NOT NULL DEFAULT 0
 );
 """
+
+FRAME, CALIBRATION = "frame", "calibration"
+PRIORITY = {FRAME: 0, CALIBRATION: 1}  # lower goes first
 
 
 class QueueError(RuntimeError):
@@ -78,10 +88,16 @@ class QueuedFrame:
     model_id: int
     meta: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
+    kind: str = FRAME  # or CALIBRATION: `bitstream` then holds the still's image file
 
     def to_envelope(self) -> mridc_pb2.FrameEnvelope:
         return build_envelope(self.device_id, self.sequence, self.bitstream, self.model_id,
                               capture_time_us=self.capture_time_us, content_hash=self.content_hash, meta=self.meta)
+
+    def to_calibration(self) -> mridc_pb2.CalibrationFrame:
+        return build_calibration(self.device_id, self.sequence, self.bitstream, self.meta.get("format", "jpeg"),
+                                 int(self.meta.get("width", 0)), int(self.meta.get("height", 0)), self.model_id,
+                                 capture_time_us=self.capture_time_us, reason=self.meta.get("reason", "schedule"))
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,9 @@ class FrameQueue:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
         if "fallback" not in columns:  # a queue written before inter frames
             self._db.execute("ALTER TABLE frames ADD COLUMN fallback BLOB")
+        if "kind" not in columns:  # a queue written before calibration frames
+            self._db.execute("ALTER TABLE frames ADD COLUMN kind TEXT NOT NULL DEFAULT 'frame'")
+            self._db.execute("ALTER TABLE frames ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
         with self._tx():
             stored_id = self._meta_get("device_id")
             if stored_id is None:
@@ -173,9 +192,13 @@ class FrameQueue:
         model_id: int = 0,
         meta: dict[str, str] | None = None,
         fallback: bytes | None = None,
+        kind: str = FRAME,
     ) -> PutResult:
         """Store one encoded frame; returns only after it is durable (or refused by policy). `fallback`: an
-        inter frame's intra version, sent instead if the cloud answers NEED_INTRA."""
+        inter frame's intra version, sent instead if the cloud answers NEED_INTRA. `kind` CALIBRATION: a
+        calibration still (its image file as `bitstream`, format/width/height/reason in `meta`)."""
+        if kind not in PRIORITY:
+            raise ValueError(f"queue kind must be one of {tuple(PRIORITY)}, got {kind!r}")
         bitstream = bytes(bitstream)
         if len(bitstream) > self.max_bytes:
             with self._tx():
@@ -193,7 +216,8 @@ class FrameQueue:
                 return PutResult(False, None, reason="queue full (policy drop_newest)")
             while count + 1 > self.max_frames or size + len(bitstream) > self.max_bytes:
                 seq, length = self._db.execute(
-                    "SELECT sequence, LENGTH(bitstream) FROM frames ORDER BY sequence LIMIT 1"
+                    # calibration stills go first: a live frame is worth more than a still of the same scene
+                    "SELECT sequence, LENGTH(bitstream) FROM frames ORDER BY priority DESC, sequence LIMIT 1"
                 ).fetchone()
                 self._db.execute("DELETE FROM frames WHERE sequence = ?", (seq,))
                 dropped.append(int(seq))
@@ -204,9 +228,10 @@ class FrameQueue:
             self._meta_set("next_sequence", str(sequence + 1))
             self._db.execute(
                 "INSERT INTO frames (sequence, capture_time_us, bitstream, content_hash, model_id, meta_json,"
-                " enqueued_at, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " enqueued_at, fallback, kind, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sequence, int(capture_time_us), bitstream, content_hash, int(model_id),
-                 json.dumps(meta or {}, sort_keys=True), time.time(), None if fallback is None else bytes(fallback)),
+                 json.dumps(meta or {}, sort_keys=True), time.time(), None if fallback is None else bytes(fallback),
+                 kind, PRIORITY[kind]),
             )
             self._bump("accepted")
             self._bump("bytes_accepted", len(bitstream))
@@ -217,16 +242,17 @@ class FrameQueue:
     # -- consumer side ---------------------------------------------------------------------------
     def pending(self, limit: int = 16, after: int = 0,
                 exclude: set[int] | frozenset[int] = frozenset()) -> list[QueuedFrame]:
-        """Oldest queued frames (sequence > ``after``), skipping sequences in ``exclude``."""
+        """Oldest queued frames (sequence > ``after``), skipping sequences in ``exclude``: every live frame
+        before any calibration frame."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT sequence, capture_time_us, bitstream, content_hash, model_id, meta_json, attempts"
-                " FROM frames WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                "SELECT sequence, capture_time_us, bitstream, content_hash, model_id, meta_json, attempts, kind"
+                " FROM frames WHERE sequence > ? ORDER BY priority, sequence LIMIT ?",
                 (after, limit + len(exclude)),
             ).fetchall()
         frames = [
             QueuedFrame(self.device_id, int(r[0]), int(r[1]), bytes(r[2]), bytes(r[3]), int(r[4]),
-                        json.loads(r[5]), int(r[6]))
+                        json.loads(r[5]), int(r[6]), r[7])
             for r in rows
             if int(r[0]) not in exclude
         ]

@@ -52,6 +52,7 @@ class Channel(enum.StrEnum):
     STATUS = "status"
     PREVIEW = "preview"  # cloud -> consumers: a frame's first picture is stored (JSON event)
     REFINED = "refined"  # cloud -> consumers: a frame's final picture is stored (JSON event)
+    CALIBRATION = "calibration"  # device -> cloud: a calibration still of the scene (CalibrationFrame)
 
 
 class TopicError(ValueError):
@@ -88,6 +89,10 @@ def acks_topic(device_id: str) -> str:
 
 def status_topic(device_id: str) -> str:
     return topic(device_id, Channel.STATUS)
+
+
+def calibration_topic(device_id: str) -> str:
+    return topic(device_id, Channel.CALIBRATION)
 
 
 def picture_topic(device_id: str, stage: str) -> str:
@@ -134,6 +139,11 @@ def shared_frames_filter(group: str = SHARED_GROUP) -> str:
     return f"$share/{group}/{topic_filter(Channel.FRAMES)}"
 
 
+def shared_calibration_filter(group: str = SHARED_GROUP) -> str:
+    """The workers' shared subscription to every device's calibration frames."""
+    return f"$share/{group}/{topic_filter(Channel.CALIBRATION)}"
+
+
 def all_topics_filter() -> str:
     """Everything MRIDC publishes (for watching a broker with mosquitto_sub)."""
     return f"{TOPIC_ROOT}/#"
@@ -174,8 +184,28 @@ def build_envelope(device_id: str, sequence: int, bitstream: bytes, model_id: in
         model_id=model_id, meta=dict(meta or {}))
 
 
-def build_ack(device_id: str, sequence: int, status: int, reason: str = "") -> mridc_pb2.FrameAck:
-    return mridc_pb2.FrameAck(device_id=device_id, sequence=sequence, status=status, reason=reason)
+def build_ack(device_id: str, sequence: int, status: int, reason: str = "",
+              calibrate: bool = False) -> mridc_pb2.FrameAck:
+    """An ack; `calibrate` asks the device for a round of calibration frames (scene adaptation)."""
+    return mridc_pb2.FrameAck(device_id=device_id, sequence=sequence, status=status, reason=reason,
+                              calibrate=calibrate)
+
+
+# -- calibration frames (scene adaptation) -------------------------------------------------------------------
+CALIBRATION_FORMATS = ("jpeg", "png", "webp", "avif")
+
+
+def build_calibration(device_id: str, sequence: int, image: bytes, image_format: str, width: int, height: int,
+                      model_id: int, *, capture_time_us: int | None = None, reason: str = "schedule"
+                      ) -> mridc_pb2.CalibrationFrame:
+    """One calibration still on the wire; `content_hash` is the SHA-256 of `image` (what the cloud checks)."""
+    if image_format not in CALIBRATION_FORMATS:
+        raise ValueError(f"calibration format must be one of {CALIBRATION_FORMATS}, got {image_format!r}")
+    return mridc_pb2.CalibrationFrame(
+        device_id=device_id, sequence=sequence,
+        capture_time_us=time.time_ns() // 1000 if capture_time_us is None else capture_time_us,
+        image=image, format=image_format, width=width, height=height, model_id=model_id,
+        content_hash=hashlib.sha256(image).digest(), reason=reason)
 
 
 # -- datagram links (CoAP) -------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ _SERVE_FLAGS = {
     "batch_size": "batch_size",
     "rate_limit": "rate_limit_fps",
     "rate_burst": "rate_limit_burst", "max_payload": "max_payload_bytes", "log_format": "log_format",
+    "adapt": "adapt", "adapt_minutes": "adapt_minutes", "adapt_threads": "adapt_threads",
+    "calibration_devices": "calibration_devices",
 }
 
 
@@ -81,6 +83,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--rate-burst", type=int)
     parser.add_argument("--max-payload", type=int, help="largest accepted message in bytes")
     parser.add_argument("--log-format", choices=("json", "text"))
+    parser.add_argument("--adapt", action="store_true", default=None,
+                        help="scene adaptation: accept calibration stills from devices and adapt each device's "
+                             "decoder to its scene in the background (docs/adaptation.md)")
+    parser.add_argument("--adapt-minutes", type=float, help="budget of one adaptation run (default 15)")
+    parser.add_argument("--adapt-threads", type=int, help="CPU threads of one run, at nice 19 (default 1)")
+    parser.add_argument("--calibration-devices", metavar="A,B",
+                        help="only these devices may send calibration stills (default: every device)")
     return parser
 
 
@@ -153,9 +162,16 @@ def run_frames(args: argparse.Namespace) -> int:
         rows = store.query(args.device, since, until, args.limit)
     finally:
         store.close()
+    from pathlib import Path
+
+    from .adaptation import adaptation_state
+
+    adaptation = {d: s for d, s in adaptation_state(Path(args.out)).items() if not args.device or d == args.device}
     if args.json:
         for row in rows:
             print(json.dumps(row))
+        for device, state in adaptation.items():
+            print(json.dumps({"adaptation": device, **state}))
         return 0
     print(f"{'device':<20} {'sequence':>10} {'capture time (UTC)':<26} {'bytes':>6} {'bpp':>8}  png")
     for row in rows:
@@ -163,6 +179,14 @@ def run_frames(args: argparse.Namespace) -> int:
         print(f"{row['device_id']:<20} {row['sequence']:>10} {when:<26} {row['bytes']:>6} {row['bpp']:>8.4f}  "
               f"{row['png_path']}")
     print(f"{len(rows)} frame(s)")
+    for device, state in adaptation.items():
+        for model, m in state["models"].items():
+            last = m["last_run"] or {}
+            print(f"adaptation {device} (model {model}): decoder {m['version']}, {state['stills']} still(s), "
+                  f"{m['runs']} run(s)" + (f", last {last.get('result')}" if last else "")
+                  + (", running" if m["running"] else ""))
+        if not state["models"]:
+            print(f"adaptation {device}: decoder base, {state['stills']} still(s), no run yet")
     return 0
 
 

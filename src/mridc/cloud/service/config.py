@@ -95,11 +95,29 @@ class ServiceConfig:
     # Logs.
     log_format: str = "json"  # json | text
     log_level: str = "INFO"
+    # Scene adaptation (docs/adaptation.md): keep calibration stills, adapt each device's decoder to its scene.
+    adapt: bool = False
+    adapt_run: bool = True  # False: accept stills and use adapters on disk, but run no adaptation here
+    adapt_minutes: float = 15.0  # optimisation budget of one run
+    adapt_threads: int = 1  # CPU threads of one run (it runs at nice 19 in a child process)
+    adapt_min_stills: int = 4  # a device's first run starts at this many stills
+    adapt_rerun_stills: int = 4  # then a new run after this many new stills
+    adapt_max_stills: int = 20  # stills one run uses (the newest)
+    adapt_bpp: str = "0.02,0.03"  # the live budgets the stills are encoded at to make training pairs
+    adapt_request_s: float = 600.0  # ask a device with too few stills for a round, at most this often
+    calibration_max_bytes: int = 2_000_000  # larger calibration messages are rejected
+    calibration_devices: str = ""  # comma-separated devices allowed to send stills ("" = every device)
 
     @property
     def session_expiry_s(self) -> int:
         """The MQTT session expiry to request (`validate` fills in the default for generated worker ids)."""
         return FIXED_ID_SESSION_EXPIRY_S if self.mqtt_session_expiry_s is None else int(self.mqtt_session_expiry_s)
+
+    @property
+    def calibration_allowed(self) -> frozenset[str] | None:
+        """Devices that may send calibration stills; None: every device."""
+        names = frozenset(d.strip() for d in self.calibration_devices.split(",") if d.strip())
+        return names or None
 
     @property
     def mqtt_endpoint(self) -> tuple[str, int, bool]:
@@ -166,6 +184,22 @@ class ServiceConfig:
             raise ConfigError(f"backend must be auto, torch or onnxruntime, got {self.backend!r}")
         if not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps must be in 1..1000, got {self.steps}")
+        if self.adapt:
+            if self.adapt_minutes <= 0 or self.adapt_threads < 1:
+                raise ConfigError("adapt_minutes must be > 0 and adapt_threads >= 1")
+            if not 2 <= self.adapt_min_stills <= self.adapt_max_stills or self.adapt_rerun_stills < 1:
+                raise ConfigError("need 2 <= adapt_min_stills <= adapt_max_stills and adapt_rerun_stills >= 1 "
+                                  "(one still is held out to decide)")
+            if self.mqtt_url is None:
+                raise ConfigError("adapt needs mqtt_url: calibration stills arrive on their own MQTT channel")
+            try:
+                budgets = [float(b) for b in self.adapt_bpp.split(",") if b.strip()]
+            except ValueError:
+                budgets = []
+            if not budgets or not all(0 < b <= 1 for b in budgets):
+                raise ConfigError(f"adapt_bpp must be comma-separated budgets in (0, 1], got {self.adapt_bpp!r}")
+            if self.calibration_max_bytes < 1:
+                raise ConfigError("calibration_max_bytes must be >= 1")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be json or text, got {self.log_format!r}")
         return self

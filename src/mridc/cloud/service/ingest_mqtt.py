@@ -1,6 +1,6 @@
 """MQTT 5 ingest: a shared subscription, QoS 1, manual acknowledgements.
 
-- Every worker subscribes to the shared frames filter (`mridc.shared.protocol.shared_frames_filter`); the
+- Every worker subscribes to the shared frames filter (`mridc.shared.protocol.shared_calibration_filter, shared_frames_filter`); the
   broker splits the stream.
 - A broker message is PUBACKed only in the frame's `done` callback, i.e. after the result is stored (or the
   frame is rejected / a duplicate). A worker that dies holds unacked messages in its broker session.
@@ -22,7 +22,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mridc.shared.protocol import Channel, acks_topic, device_from_topic, picture_topic, shared_frames_filter
+from mridc.shared.protocol import (
+    Channel,
+    acks_topic,
+    device_from_topic,
+    picture_topic,
+    shared_calibration_filter,
+    shared_frames_filter,
+)
 from mridc.v1 import mridc_pb2
 
 from .config import ServiceConfig
@@ -97,7 +104,7 @@ class MqttIngest:
                                                       "client_id": self.config.worker_id}})
         self.connected.set()
         # Subscribing in on_connect brings the subscription back after any reconnect.
-        client.subscribe(shared_frames_filter(), qos=1)
+        client.subscribe([(shared_frames_filter(), 1), (shared_calibration_filter(), 1)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -113,6 +120,15 @@ class MqttIngest:
     def _on_message(self, client, userdata, message) -> None:
         if self.paused.is_set():
             return  # shutting down: leave it unacked in the session
+        still_device = device_from_topic(message.topic, Channel.CALIBRATION)
+        if still_device is not None:  # a calibration still (scene adaptation)
+            done = self._done_callback(message.mid, message.qos, still_device)
+            try:
+                self.service.submit_calibration(message.payload, "mqtt", done, topic_device=still_device)
+            except Exception:
+                log.exception("calibration submit failed")
+                done(make_ack(still_device, 0, Ack.RETRY_LATER, "internal error"))
+            return
         topic_device = device_from_topic(message.topic, Channel.FRAMES)
         done = self._done_callback(message.mid, message.qos, topic_device)
         try:

@@ -53,6 +53,14 @@ class ServiceMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_seconds = Histogram("mridc_queue_wait_seconds", "Time from receive to decode start",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.calibration_frames = Counter("mridc_calibration_frames", "Calibration stills, by result (stored, "
+                                          "duplicate, or the rejection reason)", ["result"], registry=r)
+        self.adaptations = Counter("mridc_adaptations", "Scene adaptation runs, by result (accepted, rejected: "
+                                   "not better on the held-out still, failed)", ["result"], registry=r)
+        self.adapter_info = Gauge("mridc_device_adapter", "1 for the decoder version each device is decoded with "
+                                  "(version 'base': not adapted)", ["device", "version"], registry=r)
+        self.adaptation_running = Gauge("mridc_adaptation_running", "Scene adaptation runs in progress",
+                                        registry=r)
         self.end_to_end_seconds = Histogram("mridc_capture_to_stored_seconds", "Capture time to stored",
                                             buckets=LATENCY_BUCKETS + (120, 300, 600), registry=r)
 

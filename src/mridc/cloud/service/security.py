@@ -49,10 +49,12 @@ def mosquitto_acl(service_users: list[str] | tuple[str, ...] = ("mridc-cloud",))
              "# Every device's username is its device id; %u confines it to its own topics."]
     for user in service_users:
         lines += [f"user {user}", f"topic read {topic_filter(Channel.FRAMES)}",
+                  f"topic read {topic_filter(Channel.CALIBRATION)}",
                   f"topic read {topic_filter(Channel.STATUS)}", f"topic write {topic_filter(Channel.ACKS)}",
                   f"topic readwrite {topic_filter(Channel.PREVIEW)}",
                   f"topic readwrite {topic_filter(Channel.REFINED)}", ""]
     lines += [f"pattern write {topic_filter(Channel.FRAMES, ACL_USERNAME)}",
+              f"pattern write {topic_filter(Channel.CALIBRATION, ACL_USERNAME)}",
               f"pattern readwrite {topic_filter(Channel.STATUS, ACL_USERNAME)}",
               f"pattern read {topic_filter(Channel.ACKS, ACL_USERNAME)}", ""]
     return "\n".join(lines)

@@ -58,8 +58,17 @@ class Worker:
         self.decoder = decoder or load_decoder(config.decoder, config.models_dir, config.device, config.backend)
         self.store = FrameStore(config.out_dir)
         self.metrics = ServiceMetrics()
+        adapters = None
+        if config.adapt:
+            from .adaptation import AdaptationSettings, SceneAdapters
+
+            adapters = SceneAdapters(self.decoder, AdaptationSettings(
+                root=config.out_dir / "adaptation", models_dir=config.models_dir, run=config.adapt_run,
+                minutes=config.adapt_minutes, threads=config.adapt_threads, min_stills=config.adapt_min_stills,
+                rerun_stills=config.adapt_rerun_stills, max_stills=config.adapt_max_stills, bpp=config.adapt_bpp,
+                request_every_s=config.adapt_request_s), self.metrics)
         self.service = DecodeService(config, self.decoder, self.store, self.metrics,
-                                     instance=f"{config.worker_id}:{os.getpid()}:{time.time_ns()}")
+                                     instance=f"{config.worker_id}:{os.getpid()}:{time.time_ns()}", adapters=adapters)
         self.mqtt = None
         self.grpc = None
         self.coap = None

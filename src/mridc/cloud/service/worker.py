@@ -129,9 +129,12 @@ class DecodeQueue:
 
 class DecodeService:
     def __init__(self, config: ServiceConfig, decoder: FrameDecoder, store: FrameStore,
-                 metrics: ServiceMetrics | None = None, *, instance: str | None = None):
+                 metrics: ServiceMetrics | None = None, *, instance: str | None = None, adapters=None):
         self.config = config
         self.decoder = decoder
+        # Scene adaptation (mridc.cloud.service.adaptation.SceneAdapters): each device's decoder; None: off.
+        self.adapters = adapters
+        self._decoded_with: dict[tuple[str, int], str] = {}  # (device, sequence) -> decoder version used
         self.store = store
         self.metrics = metrics or ServiceMetrics()
         self.instance = instance or f"{config.worker_id}:{time.time_ns()}"
@@ -175,6 +178,8 @@ class DecodeService:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.store.register_instance(self.instance, self.config.worker_id)
+        if self.adapters is not None:
+            self.adapters.start()
         for target, name in ((self._decode_loop, "decode"), (self._heartbeat_loop, "heartbeat")):
             thread = threading.Thread(target=target, name=f"mridc-{name}", daemon=True)
             thread.start()
@@ -189,6 +194,8 @@ class DecodeService:
         self.queue.close()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self.adapters is not None:
+            self.adapters.stop()  # a run in progress goes on in its child process and is picked up next start
 
     # -- admission ---------------------------------------------------------------------------------------
     def submit(self, envelope: mridc_pb2.FrameEnvelope, transport: str, done: AckCallback, *,
@@ -244,6 +251,50 @@ class DecodeService:
             self._finish(job, make_ack(device, sequence, Ack.RETRY_LATER, "decode queue full"))
             return
         self.metrics.queue_depth.set(len(self.queue))
+
+    # -- calibration stills (scene adaptation) -------------------------------------------------------------
+    def submit_calibration(self, payload: bytes, transport: str, done: AckCallback, *,
+                           topic_device: str | None = None) -> None:
+        """Admit one calibration still: validate, keep it durably, ack (STORED, DUPLICATE or REJECTED).
+        `done(ack)` is called exactly once, after the still is on disk when it is kept."""
+        from .calibration import CalibrationRejected, validate_calibration
+
+        ack_device = topic_device or "?"
+        try:
+            if self.adapters is None:
+                raise CalibrationRejected("disabled", "scene adaptation is off on this service (serve --adapt)")
+            valid = validate_calibration(payload, max_bytes=self.config.calibration_max_bytes,
+                                         known_model_ids=self.known_model_ids, topic_device=topic_device,
+                                         allowed_devices=self.config.calibration_allowed)
+        except CalibrationRejected as exc:
+            self.metrics.calibration_frames.labels(exc.code).inc()
+            log.warning("calibration still rejected", extra={"fields": {"device": ack_device, "reason": exc.code,
+                                                                        "detail": exc.detail,
+                                                                        "transport": transport}})
+            sequence = 0
+            try:
+                sequence = mridc_pb2.CalibrationFrame.FromString(payload).sequence
+            except Exception:
+                pass
+            done(make_ack(ack_device, sequence, Ack.REJECTED, f"{exc.code}: {exc.detail}"))
+            return
+        msg = valid.message
+        try:
+            kept = self.adapters.add_still(msg.device_id, msg.sequence, msg.image, msg.format)
+        except OSError as exc:  # not kept, not acked: the device sends it again
+            log.exception("calibration still not stored")
+            done(make_ack(msg.device_id, msg.sequence, Ack.RETRY_LATER, f"store failed: {exc}"[:200]))
+            return
+        result = "stored" if kept else "duplicate"
+        self.metrics.calibration_frames.labels(result).inc()
+        log.info("calibration still " + result, extra={"fields": {
+            "device": msg.device_id, "sequence": msg.sequence, "bytes": len(msg.image), "reason": msg.reason,
+            "stills": self.adapters.still_count(msg.device_id)}})
+        done(make_ack(msg.device_id, msg.sequence, Ack.STORED if kept else Ack.DUPLICATE))
+
+    def decoder_for(self, device: str) -> FrameDecoder:
+        """The decoder of this device's frames: its scene-adapted one if it has one, else the base."""
+        return self.adapters.decoder_for(device) if self.adapters is not None else self.decoder
 
     def _validate(self, data: bytes, device: str, sequence: int) -> Any:
         """The decoder's cheap parse; an inter frame is parsed against its reference (NeedIntra if absent), and
@@ -347,10 +398,12 @@ class DecodeService:
             else:
                 frame = self.decoder.validate(self.store.load_bitstream(device, sequence))
                 with self.decoder_lock:
-                    image = self.decoder.decode_frames([frame], settings)[0].image
+                    image = self.decoder_for(device).decode_frames([frame], settings)[0].image
             refine_s = time.monotonic() - start
             decode = self.decode_info(settings.realism) | {"refine_s": round(refine_s, 4),
                                                            "from_preview": preview is not None}
+            if self.adapters is not None:
+                decode["adapter"] = self.adapters.version_for(device)
             record = self.store.put_refined(device, sequence, self.instance, encode_png(image), decode)
         except ClaimLost as exc:
             log.info("refinement discarded", extra={"fields": {"device": device, "sequence": sequence,
@@ -383,6 +436,14 @@ class DecodeService:
                 "steps": self.config.steps, "device": self.config.device,
                 "backend": getattr(self.decoder, "backend", None)}
 
+    def _decode_record(self, device: str, sequence: int) -> dict:
+        """The sidecar's decode settings, with the decoder version that made the picture when adapting."""
+        info = self.decode_info(self.config.realism)
+        version = self._decoded_with.pop((device, sequence), None)
+        if self.adapters is not None:
+            info["adapter"] = version or self.adapters.version_for(device)
+        return info
+
     def decode_settings(self, realism: float | None = None, seed: int | None = None, steps: int | None = None):
         from mridc.cloud.pipeline import DecodeSettings  # torch-side; the service always runs beside it
 
@@ -390,17 +451,34 @@ class DecodeService:
                               seed=self.config.seed if seed is None else seed, steps=steps or self.config.steps)
 
     def _decode(self, frames: list[ValidFrame]) -> list[np.ndarray]:
+        """Decode a batch; frames of devices with an adapted decoder go through theirs (one call per decoder)."""
+        if self.adapters is None:
+            return self._decode_with(self.decoder, frames)
+        groups: dict[int, tuple[Any, str, list[int]]] = {}
+        for i, f in enumerate(frames):
+            device = f.envelope.device_id
+            decoder = self.adapters.decoder_for(device)  # read once: a swap mid-batch changes no frame's decoder
+            groups.setdefault(id(decoder), (decoder, self.adapters.version_for(device), []))[2].append(i)
+        images: list[Any] = [None] * len(frames)
+        for decoder, version, members in groups.values():
+            for i, image in zip(members, self._decode_with(decoder, [frames[i] for i in members]), strict=True):
+                images[i] = image
+                env = frames[i].envelope
+                self._decoded_with[(env.device_id, env.sequence)] = version
+        return images
+
+    def _decode_with(self, decoder: FrameDecoder, frames: list[ValidFrame]) -> list[np.ndarray]:
         # The TokenFrames that validation parsed are decoded as they are: each stream is parsed once.
         token_frames = [f.token_frame for f in frames]
-        if self.progressive and hasattr(self.decoder, "refine_outputs"):
-            outputs = self.decoder.decode_frames(token_frames, self.decode_settings(), keep_intermediate=True)
+        if self.progressive and hasattr(decoder, "refine_outputs"):
+            outputs = decoder.decode_frames(token_frames, self.decode_settings(), keep_intermediate=True)
             with self._inflight_lock:
                 for f, out in zip(frames, outputs, strict=True):
                     self._previews[(f.envelope.device_id, f.envelope.sequence)] = out
                 while len(self._previews) > self._previews_max:
                     self._previews.popitem(last=False)
         else:
-            outputs = self.decoder.decode_frames(token_frames, self.decode_settings())
+            outputs = decoder.decode_frames(token_frames, self.decode_settings())
         return [out.image for out in outputs]
 
     def _decode_batch(self, batch: list[DecodeJob]) -> None:
@@ -457,10 +535,13 @@ class DecodeService:
                                                        "decode_s": round(decode_s, 4), "batch": len(batch),
                                                        "transport": job.transport, "stage": record.stage,
                                                        "update": job.update, "worker_id": self.config.worker_id}})
-            self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED))
+            wants = self.adapters is not None and self.adapters.wants_stills(env.device_id)
+            self._finish(job, make_ack(env.device_id, env.sequence, Ack.STORED, calibrate=wants))
             self._announce(record)
             if record.stage == PREVIEW:
                 self._refine_hint.set()
+        for job in batch:  # versions of frames that were not stored (failed, discarded) are not needed
+            self._decoded_with.pop(job.key, None)
 
     def _store(self, job: DecodeJob, image: np.ndarray, start: float, decode_s: float, batch: int) -> StoredFrame:
         env = job.frame.envelope
@@ -471,7 +552,7 @@ class DecodeService:
             width=int(width), height=int(height), bytes=len(env.bitstream),
             bpp=len(env.bitstream) * 8 / float(width * height), model_id=env.model_id,
             transport=job.transport, worker_id=self.config.worker_id,
-            decode=self.decode_info(self.config.realism), stage=PREVIEW if self.progressive else FINAL,
+            decode=self._decode_record(env.device_id, env.sequence), stage=PREVIEW if self.progressive else FINAL,
             content_sha256=hashlib.sha256(env.bitstream).hexdigest(),
             timings={"queue_s": round(start - job.received_mono, 6), "decode_batch_s": round(decode_s, 6),
                      "batch_size": batch},

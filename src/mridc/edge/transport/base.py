@@ -86,6 +86,13 @@ class Transport(ABC):
     def send(self, envelope: mridc_pb2.FrameEnvelope) -> bool:
         """Hand one frame to the wire. False when not connected (the caller keeps it queued)."""
 
+    # Whether `send_calibration` can carry calibration stills (scene adaptation): MQTT only for now.
+    supports_calibration = False
+
+    def send_calibration(self, message: mridc_pb2.CalibrationFrame) -> bool:
+        """Hand one calibration still to the wire; False when not connected or not supported."""
+        return False
+
     def publish_status(self, status: dict) -> None:
         """Publish a device heartbeat (MQTT: retained JSON on the status topic). Optional."""
 

@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mridc.edge.transport.base import Backoff, TlsFiles, Transport
-from mridc.shared.protocol import acks_topic, frames_topic, status_topic
+from mridc.shared.protocol import acks_topic, calibration_topic, frames_topic, status_topic
 from mridc.v1 import mridc_pb2
 
 log = logging.getLogger("mridc.edge.mqtt")
@@ -156,6 +156,19 @@ class MqttTransport(Transport):
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         self.stats["frames_sent"] += 1
+        self.stats["bytes_sent"] += len(payload)
+        return True
+
+    supports_calibration = True
+
+    def send_calibration(self, message: mridc_pb2.CalibrationFrame) -> bool:
+        if not self._connected.is_set():
+            return False
+        payload = message.SerializeToString()
+        info = self._client.publish(calibration_topic(self.device_id), payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self.stats["calibration_sent"] = self.stats.get("calibration_sent", 0) + 1
         self.stats["bytes_sent"] += len(payload)
         return True
 
