@@ -40,6 +40,7 @@ class AdaptationSettings:
     models_dir: Path | None = None  # the base models (default: $MRIDC_MODELS or the repository's models/)
     run: bool = True  # False: only use adapters on disk (e.g. made by another worker or by hand)
     minutes: float = 15.0  # optimisation budget of one run
+    steps: int = 0  # and/or a step budget (0: none)
     threads: int = 1  # CPU threads of a run
     nice: int = 19  # scheduling priority of a run (live decoding runs at 0)
     min_stills: int = 4  # a device's first run starts once it has sent this many stills
@@ -267,6 +268,8 @@ class SceneAdapters:
                "--out", str(self.scene_dir(device)), "--minutes", str(self.settings.minutes),
                "--threads", str(self.settings.threads), "--max-frames", str(self.settings.max_stills),
                "--bpp", self.settings.bpp, "--json"]
+        if self.settings.steps:
+            cmd += ["--steps", str(self.settings.steps)]
         if self.settings.models_dir is not None:
             cmd += ["--models", str(self.settings.models_dir)]
         return cmd

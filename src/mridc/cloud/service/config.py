@@ -99,6 +99,7 @@ class ServiceConfig:
     adapt: bool = False
     adapt_run: bool = True  # False: accept stills and use adapters on disk, but run no adaptation here
     adapt_minutes: float = 15.0  # optimisation budget of one run
+    adapt_steps: int = 0  # and/or a step budget (0: none; whichever ends first)
     adapt_threads: int = 1  # CPU threads of one run (it runs at nice 19 in a child process)
     adapt_min_stills: int = 4  # a device's first run starts at this many stills
     adapt_rerun_stills: int = 4  # then a new run after this many new stills
