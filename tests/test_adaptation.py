@@ -7,11 +7,12 @@ from __future__ import annotations
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mridc.cloud.adapt import (
@@ -315,3 +316,79 @@ def test_a_failing_adaptation_run_never_stops_decoding(tmp_path):
     assert adapters.last_run(DEVICE)["result"] == "failed"
     assert adapters.decoder_for(DEVICE) is base and adapters.version_for(DEVICE) == "base"
     assert not (adapters.scene_dir(DEVICE) / ".adapting").exists()
+
+
+# -- fuzzing the still parser ------------------------------------------------------------------------------------
+_VALID_STILL = _still()
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=3000), position=st.integers(0, 10**6), flip=st.integers(1, 255),
+       cut=st.integers(0, 10**6))
+def test_the_still_parser_only_ever_rejects_random_mutated_or_cut_messages(payload, position, flip, cut):
+    """Random bytes, a valid still with one byte changed, and a valid still cut short: each is accepted or
+    rejected with a code; nothing else is raised."""
+    from mridc.cloud.service.calibration import CalibrationRejected, validate_calibration
+
+    mutated = bytearray(_VALID_STILL)
+    mutated[position % len(mutated)] ^= flip
+    for data in (payload, bytes(mutated), _VALID_STILL[:cut % len(_VALID_STILL)]):
+        try:
+            ok = validate_calibration(data, max_bytes=1_000_000, known_model_ids={5}, topic_device=None,
+                                      allowed_devices=None)
+        except CalibrationRejected as exc:
+            assert exc.code
+        else:
+            assert ok.image.ndim == 3 and ok.image.shape[2] == 3
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.integers(0, 10**6), flip=st.integers(1, 255))
+def test_the_service_acks_every_still_exactly_once(tmp_path, position, flip):
+    """Through DecodeService.submit_calibration: valid, mutated and oversized stills each get exactly one ack,
+    and each is counted under one result."""
+    from mridc.cloud.service.adaptation import AdaptationSettings, SceneAdapters
+    from mridc.cloud.service.config import ServiceConfig
+    from mridc.cloud.service.store import FrameStore
+    from mridc.cloud.service.worker import DecodeService
+    from mridc.lab.synthetic import TokenPaintDecoder
+
+    decoder = TokenPaintDecoder(model_id=5)
+    config = ServiceConfig(out_dir=tmp_path / "cloud", mqtt_url="mqtt://127.0.0.1:1", adapt=True,
+                           calibration_max_bytes=len(_VALID_STILL) + 8).validate()
+    store = FrameStore(config.out_dir)
+    adapters = SceneAdapters(decoder, AdaptationSettings(root=config.out_dir / "adaptation", run=False))
+    service = DecodeService(config, decoder, store, adapters=adapters)
+    mutated = bytearray(_VALID_STILL)
+    mutated[position % len(mutated)] ^= flip
+    acks = []
+    for data in (_VALID_STILL, bytes(mutated), _VALID_STILL + b"\0" * 64):
+        before = len(acks)
+        service.submit_calibration(data, "test", acks.append, topic_device=DEVICE)
+        assert len(acks) == before + 1
+    assert acks[0].status == mridc_pb2.FrameAck.STORED or acks[0].status == mridc_pb2.FrameAck.DUPLICATE
+    assert acks[2].status == mridc_pb2.FrameAck.REJECTED and "too_large" in acks[2].reason
+    store.close()
+
+
+def test_stills_are_refused_and_counted_when_adaptation_is_off_or_the_device_may_not(tmp_path):
+    from mridc.cloud.service.adaptation import AdaptationSettings, SceneAdapters
+    from mridc.cloud.service.config import ServiceConfig
+    from mridc.cloud.service.store import FrameStore
+    from mridc.cloud.service.worker import DecodeService
+    from mridc.lab.synthetic import TokenPaintDecoder
+
+    decoder = TokenPaintDecoder(model_id=5)
+    for adapt, code in ((False, "disabled"), (True, "not_allowed")):
+        config = ServiceConfig(out_dir=tmp_path / f"cloud-{adapt}", mqtt_url="mqtt://127.0.0.1:1", adapt=adapt,
+                               calibration_devices="cam-01,cam-02").validate()
+        store = FrameStore(config.out_dir)
+        adapters = SceneAdapters(decoder, AdaptationSettings(root=config.out_dir / "adaptation", run=False)) \
+            if adapt else None
+        service = DecodeService(config, decoder, store, adapters=adapters)
+        acks = []
+        service.submit_calibration(_still(), "test", acks.append, topic_device=DEVICE)
+        assert [a.status for a in acks] == [mridc_pb2.FrameAck.REJECTED] and code in acks[0].reason
+        assert acks[0].sequence == 3  # the still's own sequence, so the device drops it from its queue
+        assert service.metrics.registry.get_sample_value("mridc_calibration_frames_total", {"result": code}) == 1
+        store.close()

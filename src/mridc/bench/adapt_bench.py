@@ -266,44 +266,45 @@ def compare(results: dict, budgets: list[float], realism: float) -> list[dict]:
 def render_markdown(doc: dict) -> str:
     meta, cfg, ad, cost = doc["meta"], doc["config"], doc["adaptation"], doc["link_cost"]
     realism = f"r{cfg['realism']:g}"
+    scene = (f"Scene: `{cfg['scene']}`; calibration {cfg['calibration'][0]} .. {cfg['calibration'][-1]} "
+             f"({len(cfg['calibration'])} frames, the newest held out), evaluation {cfg['evaluation'][0]} .. "
+             f"{cfg['evaluation'][-1]} ({len(cfg['evaluation'])} frames). Base model {cfg['base_model_id']}.")
+    run = (f"Adaptation: {ad['steps']} steps in {ad['train_seconds'] / 60:.1f} min on {cfg['threads']} threads "
+           f"({ad['cpu_seconds'] / 60:.1f} CPU min, plus {ad['pair_seconds']:.0f} s making the pairs); part "
+           f"`{cfg['part']}`, {ad['parameters']:,} parameters, adapter file {ad['adapter_bytes'] / 1e3:.0f} kB per "
+           f"device. Held-out calibration frame: {ad['holdout_psnr_base']:.2f} -> {ad['holdout_psnr_adapted']:.2f} "
+           f"dB ({'accepted' if ad['accepted'] else 'not accepted'}).")
     lines = [f"# Scene adaptation ({meta['date']})", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
              f"1-minute load average: {meta['load_1min_start']} at start, {meta['load_1min_end']} at end  ",
-             f"Scene: `{cfg['scene']}`; calibration {cfg['calibration'][0]} .. {cfg['calibration'][-1]} "
-             f"({len(cfg['calibration'])} frames, the newest held out), evaluation {cfg['evaluation'][0]} .. "
-             f"{cfg['evaluation'][-1]} ({len(cfg['evaluation'])} frames). Base model {cfg['base_model_id']}.", "",
-             f"Adaptation: {ad['steps']} steps in {ad['train_seconds'] / 60:.1f} min on {cfg['threads']} threads "
-             f"({ad['cpu_seconds'] / 60:.1f} CPU min, plus {ad['pair_seconds']:.0f} s making the pairs); part "
-             f"`{cfg['part']}`, {ad['parameters']:,} parameters, adapter file {ad['adapter_bytes'] / 1e3:.0f} kB per "
-             f"device. Held-out calibration frame: {ad['holdout_psnr_base']:.2f} -> {ad['holdout_psnr_adapted']:.2f} "
-             f"dB ({'accepted' if ad['accepted'] else 'not accepted'}).", "",
-             "| bpp | decoder | PSNR | MS-SSIM | MNv2-LPIPS |", "|---|---|---|---|---|"]
+             scene, "", run, "", "| bpp | decoder | PSNR | MS-SSIM | MNv2-LPIPS |", "|---|---|---|---|---|"]
     for row in doc["summary"]:
         for name, m in row["variants"].items():
             lines.append(f"| {row['bpp']:g} | {name} | {m['psnr']:.2f} | {m['ms_ssim']:.4f} | {m['mnv2_lpips']:.4f} |")
-    lines += ["", "| bpp | adapted vs base, PSNR | MNv2-LPIPS lower by | frames where MNv2-LPIPS beats the best of "
-                  f"{', '.join(cfg['codecs'])} at equal bytes (adapted r0 / adapted {realism} / base r0 / base "
-                  f"{realism}) |", "|---|---|---|---|"]
+    header = ("| bpp | adapted vs base, PSNR | MNv2-LPIPS lower by | frames where MNv2-LPIPS beats the best of "
+              f"{', '.join(cfg['codecs'])} at equal bytes (adapted r0 / adapted {realism} / base r0 / base "
+              f"{realism}) |")
+    lines += ["", header, "|---|---|---|---|"]
     for row in doc["summary"]:
         wins = " / ".join(str(row[f"wins_vs_classical_{n}"]) for n in
                           ("adapted-r0", f"adapted-{realism}", "base-r0", f"base-{realism}"))
         lines.append(f"| {row['bpp']:g} | {row['psnr_gain_db']:+.2f} dB | {100 * row['mnv2_lpips_gain']:.1f} % | "
                      f"{wins} of {row['frames']} |")
+    per_budget = " | ".join(f"{b:g} bpp PSNR / MNv2" for b in cfg["bpp"])
     lines += ["", "Quality against adaptation minutes (adapted, realism 0):", "",
-              "| minutes | step | held-out PSNR | " + " | ".join(f"{b:g} bpp PSNR / MNv2" for b in cfg["bpp"]) + " |",
-              "|---|---|---|" + "---|" * len(cfg["bpp"])]
+              f"| minutes | step | held-out PSNR | {per_budget} |", "|---|---|---|" + "---|" * len(cfg["bpp"])]
     for c in doc["minutes_curve"]:
         lines.append(f"| {c['minutes']:.1f} | {c['step']} | {c['holdout_psnr']:.2f} | " + " | ".join(
             f"{c[f'{b:g}']['psnr']:.2f} / {c[f'{b:g}']['mnv2_lpips']:.3f}" for b in cfg["bpp"]) + " |")
     lines += ["", "Quality against calibration frames (adapted, realism 0, equal minutes each):", "",
-              "| frames | minutes | steps | " + " | ".join(f"{b:g} bpp PSNR / MNv2" for b in cfg["bpp"]) + " |",
-              "|---|---|---|" + "---|" * len(cfg["bpp"])]
+              f"| frames | minutes | steps | {per_budget} |", "|---|---|---|" + "---|" * len(cfg["bpp"])]
     for c in sorted(doc["frames_curve"], key=lambda c: c["frames"]):
         lines.append(f"| {c['frames']} | {c['minutes']:g} | {c['steps']} | " + " | ".join(
             f"{c[f'{b:g}']['psnr']:.2f} / {c[f'{b:g}']['mnv2_lpips']:.3f}" for b in cfg["bpp"]) + " |")
-    lines += ["", f"Link cost: {cost['calibration_frames']} calibration frames as JPEG = "
-                  f"{cost['calibration_bytes'] / 1e3:.0f} kB ({cost['calibration_bytes_per_frame'] / 1e3:.1f} kB each). "
-                  f"A day at one live frame every {LIVE_PERIOD_S:g} s:", ""]
+    link = (f"Link cost: {cost['calibration_frames']} calibration frames as JPEG = "
+            f"{cost['calibration_bytes'] / 1e3:.0f} kB ({cost['calibration_bytes_per_frame'] / 1e3:.1f} kB each). "
+            f"A day at one live frame every {LIVE_PERIOD_S:g} s:")
+    lines += ["", link, ""]
     for bpp, c in cost["per_budget"].items():
         lines.append(f"- {bpp} bpp: {c['live_bytes_per_frame']:.0f} B per live frame, "
                      f"{c['live_bytes_per_day'] / 1e6:.2f} MB of live frames a day; one calibration set is "
@@ -335,8 +336,7 @@ def plot(doc: dict, out: Path) -> None:
                            label=f"best classical, {key} bpp")
     for ax, title in ((axes[0][0], "PSNR (dB) against adaptation minutes (0 = base)"),
                       (axes[0][1], "MNv2-LPIPS against adaptation minutes (lower is better)"),
-                      (axes[1][0], f"PSNR (dB) against calibration frames ({doc['config']['minutes']:g}-min runs "
-                                   "and the checkpoints)")):
+                      (axes[1][0], "PSNR (dB) against calibration frames (equal-minute runs)")):
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

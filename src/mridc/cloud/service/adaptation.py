@@ -312,8 +312,12 @@ class SceneAdapters:
         nice = self.settings.nice
         log_path = self.scene_dir(device) / "adapt.log"
         with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(self._command(device, stills), stdout=subprocess.PIPE, stderr=log_file, env=env,
-                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
+            proc = subprocess.Popen(self._command(device, stills), stdout=subprocess.PIPE, stderr=log_file, env=env)
+            if nice:  # set from here: a preexec_fn is unsafe in a process with threads
+                try:
+                    os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+                except OSError:
+                    log.warning("could not lower the adaptation run's priority", extra={"fields": {"pid": proc.pid}})
             try:
                 out, _ = proc.communicate(timeout=self._timeout_s())
             except subprocess.TimeoutExpired:

@@ -72,6 +72,6 @@ def validate_calibration(payload: bytes, *, max_bytes: int, known_model_ids: Col
             rgb = np.asarray(im.convert("RGB"))
     except CalibrationRejected:
         raise
-    except Exception as exc:  # Pillow raises many kinds on a broken or forged file
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on a broken or forged file
         raise CalibrationRejected("bad_image", f"{message.format} does not decode: {type(exc).__name__}") from None
     return ValidCalibration(message, rgb)

@@ -1,6 +1,7 @@
 """MQTT 5 ingest: a shared subscription, QoS 1, manual acknowledgements.
 
-- Every worker subscribes to the shared frames filter (`mridc.shared.protocol.shared_calibration_filter, shared_frames_filter`); the
+- Every worker subscribes to the shared frames filter (`mridc.shared.protocol.shared_frames_filter`), and to
+  the calibration stills' (`shared_calibration_filter`); the
   broker splits the stream.
 - A broker message is PUBACKed only in the frame's `done` callback, i.e. after the result is stored (or the
   frame is rejected / a duplicate). A worker that dies holds unacked messages in its broker session.

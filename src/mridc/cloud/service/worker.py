@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from mridc.cloud.sequence import NeedIntra
 from mridc.shared.protocol import build_ack as make_ack
@@ -271,11 +272,10 @@ class DecodeService:
             log.warning("calibration still rejected", extra={"fields": {"device": ack_device, "reason": exc.code,
                                                                         "detail": exc.detail,
                                                                         "transport": transport}})
-            sequence = 0
-            try:
+            try:  # the still's own sequence, so that the device drops it from its queue
                 sequence = mridc_pb2.CalibrationFrame.FromString(payload).sequence
-            except Exception:
-                pass
+            except DecodeError:
+                sequence = 0
             done(make_ack(ack_device, sequence, Ack.REJECTED, f"{exc.code}: {exc.detail}"))
             return
         msg = valid.message
