@@ -66,7 +66,8 @@ class Worker:
                 root=config.out_dir / "adaptation", models_dir=config.models_dir, run=config.adapt_run,
                 minutes=config.adapt_minutes, steps=config.adapt_steps, threads=config.adapt_threads,
                 min_stills=config.adapt_min_stills, rerun_stills=config.adapt_rerun_stills,
-                max_stills=config.adapt_max_stills, bpp=config.adapt_bpp, request_every_s=config.adapt_request_s), self.metrics)
+                max_stills=config.adapt_max_stills, bpp=config.adapt_bpp,
+                request_every_s=config.adapt_request_s), self.metrics)
         self.service = DecodeService(config, self.decoder, self.store, self.metrics, adapters=adapters,
                                      instance=f"{config.worker_id}:{os.getpid()}:{time.time_ns()}")
         self.mqtt = None
