@@ -234,7 +234,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_stills_adapt_the_service_decoder_which_survives_a_restart(tmp_path, mosquitto):
+def test_stills_adapt_the_service_decoder_which_survives_a_restart(tmp_path, mosquitto, capsys):
     from mridc.cloud.pipeline import MRIDCDecoder
     from mridc.cloud.service.config import ServiceConfig
     from mridc.cloud.service.server import Worker
@@ -298,6 +298,13 @@ def test_stills_adapt_the_service_decoder_which_survives_a_restart(tmp_path, mos
         assert restarted.service.adapters.version_for(DEVICE) == version
     finally:
         restarted.stop(drain_timeout=5)
+    from mridc.cloud.service.cli import main as service_cli
+
+    service_cli(["frames", "--out", str(tmp_path / "cloud"), "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    state = next(line for line in lines if line.get("adaptation") == DEVICE)
+    model = next(iter(state["models"].values()))
+    assert state["stills"] == 3 and model["version"] == version and model["last_run"]["result"] == "accepted"
 
 
 def test_a_failing_adaptation_run_never_stops_decoding(tmp_path):
