@@ -27,7 +27,8 @@ from mridc.cloud.adapt import (
 )
 from mridc.cloud.tokenizer import VQTokenizer, tiny_tokenizer_config
 from mridc.cloud.zoo import ModelFileError
-from mridc.edge.calibration import CalibrationScheduler, CalibrationSection, encode_still
+from mridc.edge.calibration import CalibrationScheduler, encode_still
+from mridc.edge.config import CalibrationSection
 from mridc.edge.queue import CALIBRATION, FrameQueue
 from mridc.shared.protocol import build_calibration
 from mridc.v1 import mridc_pb2
@@ -118,8 +119,8 @@ def test_pick_frames_spreads_and_keeps_both_ends():
 
 
 def test_a_scene_folder_decodes_through_from_models_and_refuses_another_model(tmp_path):
-    """`mridc-cloud decode --models SCENE`: the folder's adapter on top of its recorded base."""
-    from mridc.cloud.adapt import ADAPTER_FILE, SCENE_FILE, trainable_names
+    """`mridc-cloud decode --models SCENE` (open_decoder): the folder's adapter on top of its recorded base."""
+    from mridc.cloud.adapt import ADAPTER_FILE, SCENE_FILE, open_decoder
     from mridc.cloud.pipeline import MRIDCDecoder
     from mridc.shared.zoo import default_models_dir
 
@@ -128,13 +129,13 @@ def test_a_scene_folder_decodes_through_from_models_and_refuses_another_model(tm
     state = {n: t.detach() + 0.05 for n, t in base.tokenizer.decoder.state_dict().items() if n in names}
     save_adapter(tmp_path / ADAPTER_FILE, state, {"model_id": base.model_id})
     (tmp_path / SCENE_FILE).write_text(json.dumps({"base_models": str(default_models_dir())}))
-    scene = MRIDCDecoder.from_models(tmp_path, with_predictor=False, with_diffusion=False, backend="torch")
+    scene = open_decoder(tmp_path, with_predictor=False, with_diffusion=False, backend="torch")
     assert scene.adapter_version and scene.model_id == base.model_id
     latent = torch.randn(1, base.tokenizer.cfg.code_dim, 3, 4)
     assert not torch.allclose(scene.decode_latent(latent), base.decode_latent(latent))
     save_adapter(tmp_path / ADAPTER_FILE, state, {"model_id": base.model_id ^ 1})
     with pytest.raises(ModelFileError, match="adapter is for model"):
-        MRIDCDecoder.from_models(tmp_path, with_predictor=False, with_diffusion=False, backend="torch")
+        open_decoder(tmp_path, with_predictor=False, with_diffusion=False, backend="torch")
 
 
 # -- calibration stills: validation ----------------------------------------------------------------------------

@@ -304,6 +304,17 @@ def adapted_decoder(base, state: dict[str, torch.Tensor], meta: dict):
 SCENE_FILE = "adaptation.json"
 
 
+def open_decoder(models_dir: str | Path | None = None, **options):
+    """`MRIDCDecoder.from_models(models_dir, **options)`, or for a scene folder (one with adapter.pt, made by
+    `mridc-cloud adapt`) its base models with the adapter applied."""
+    from mridc.cloud.pipeline import MRIDCDecoder
+
+    if models_dir is not None and (Path(models_dir) / ADAPTER_FILE).exists():
+        base = MRIDCDecoder.from_models(base_models_of(Path(models_dir)), **options)
+        return adapted_decoder(base, *load_adapter(Path(models_dir) / ADAPTER_FILE))
+    return MRIDCDecoder.from_models(models_dir, **options)
+
+
 def base_models_of(scene_dir: Path) -> Path:
     """The base models folder a scene folder adapts (recorded in its adaptation.json)."""
     import json

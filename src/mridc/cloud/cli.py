@@ -118,13 +118,13 @@ def _open_decoder(args):
     invalid input."""
     import torch
 
-    from mridc.cloud.pipeline import MRIDCDecoder
+    from mridc.cloud.adapt import open_decoder
     from mridc.cloud.zoo import ModelFileError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        return MRIDCDecoder.from_models(args.models, device=args.device, backend=args.backend)
+    try:  # a scene folder (mridc-cloud adapt) decodes with its adapter
+        return open_decoder(args.models, device=args.device, backend=args.backend)
     except ModelFileError as exc:
         raise InvalidInput(str(exc)) from exc
 
@@ -175,7 +175,7 @@ def cmd_adapt(args) -> int:
     """`mridc-cloud adapt IMAGES_OR_VIDEO... --out DIR`: a models folder adapted to the scene."""
     import torch
 
-    from mridc.cloud.adapt import AdaptConfig, adapt_scene, pick_frames, write_scene_folder
+    from mridc.cloud.adapt import AdaptConfig, adapt_scene, open_decoder, pick_frames, write_scene_folder
     from mridc.cloud.pipeline import MRIDCDecoder
     from mridc.cloud.zoo import ModelFileError
     from mridc.edge.capture import CaptureError, open_source
@@ -214,7 +214,7 @@ def cmd_adapt(args) -> int:
     try:
         decoder = MRIDCDecoder.from_models(base_dir, with_diffusion=False)
         encoder = EdgeEncoder.from_bundle(models_dir=base_dir, backend="onnx", scale=scale)
-        current = MRIDCDecoder.from_models(out, with_diffusion=False) if (out / "adapter.pt").exists() else None
+        current = open_decoder(out, with_diffusion=False) if (out / "adapter.pt").exists() else None
     except ModelFileError as exc:
         raise InvalidInput(str(exc)) from exc
     cfg = AdaptConfig(minutes=args.minutes, steps=args.steps, bpps=bpps, part=args.part, seed=args.seed)

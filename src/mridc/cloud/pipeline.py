@@ -276,12 +276,6 @@ class MRIDCDecoder:
         `backend`: "torch", "onnxruntime" (the tokenizer decoder and the U-Net through ONNX Runtime, about 2x
         faster on a CPU; outputs differ by float rounding) or "auto" (ONNX Runtime on a CPU when installed)."""
         models = Path(models_dir) if models_dir else default_models_dir()
-        from mridc.cloud.adapt import ADAPTER_FILE, adapted_decoder, base_models_of, load_adapter
-
-        if (models / ADAPTER_FILE).exists():  # a scene's folder (`mridc-cloud adapt`): its base, adapted
-            base = cls.from_models(base_models_of(models), device, with_predictor, with_diffusion, scheduler,
-                                   backend)
-            return adapted_decoder(base, *load_adapter(models / ADAPTER_FILE))
         tokenizer = load_model(models / "tokenizer.pt", "tokenizer", device)
         predictor = None
         if with_predictor:  # windowed: a large frame's attention must not grow with the square of its tokens

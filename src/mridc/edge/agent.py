@@ -31,8 +31,9 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from mridc.edge.calibration import CalibrationScheduler, CalibrationSection, encode_still
+from mridc.edge.calibration import CalibrationScheduler, encode_still
 from mridc.edge.capture import CapturedFrame
+from mridc.edge.config import CalibrationSection
 from mridc.edge.queue import CALIBRATION, FrameQueue, PutResult
 from mridc.edge.transport.base import Transport
 from mridc.shared.protocol import AckStatus, is_final

@@ -24,7 +24,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mridc.edge.calibration import CalibrationSection
 from mridc.edge.queue import POLICIES
 from mridc.shared.protocol import DEVICE_ID_RULE, is_valid_device_id
 
@@ -107,6 +106,30 @@ class QueueSection:
 @dataclass
 class StatusSection:
     heartbeat_s: float = 30.0  # retained status message period (MQTT)
+
+
+MIN_STILL_QUALITY = 40  # below this a still is downscaled instead: blocking artefacts would be learnt as the scene
+
+
+@dataclass
+class CalibrationSection:
+    enabled: bool = False  # send calibration stills (MQTT transports only)
+    frames: int = 3  # stills per round
+    every_frames: int = 5  # live frames between two stills of a round
+    interval_s: float = 86400.0  # a new round this often (0: only at start-up and on request)
+    at_startup: bool = True  # a round when the agent starts
+    max_bytes: int = 150_000  # per still: the JPEG quality (then the size) is lowered to fit
+    quality: int = 90  # JPEG quality to start from
+
+    def validate(self) -> None:
+        if self.frames < 1 or self.every_frames < 1:
+            raise ConfigError("calibration.frames and calibration.every_frames must be >= 1")
+        if self.interval_s < 0:
+            raise ConfigError(f"calibration.interval_s must be >= 0, got {self.interval_s}")
+        if not 10_000 <= self.max_bytes <= 4_000_000:
+            raise ConfigError(f"calibration.max_bytes must be in [10000, 4000000], got {self.max_bytes}")
+        if not MIN_STILL_QUALITY <= self.quality <= 100:
+            raise ConfigError(f"calibration.quality must be in [{MIN_STILL_QUALITY}, 100], got {self.quality}")
 
 
 @dataclass

@@ -55,9 +55,9 @@ class FrameDecoder(Protocol):
 def load_decoder(spec: str, models_dir=None, device: str = "cpu", backend: str = "auto") -> FrameDecoder:
     """"mridc" -> MRIDCDecoder.from_models; "package.module:factory" -> factory(models_dir=, device=)."""
     if spec == "mridc":
-        from mridc.cloud.pipeline import MRIDCDecoder
+        from mridc.cloud.adapt import open_decoder
 
-        return MRIDCDecoder.from_models(models_dir=models_dir, device=device, backend=backend)
+        return open_decoder(models_dir, device=device, backend=backend)
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"decoder must be 'mridc' or 'module:factory', got {spec!r}")
