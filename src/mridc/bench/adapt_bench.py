@@ -47,8 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scene", default=str(DEFAULT_SCENE),
                    help="video file or image folder of one fixed camera, in time order (default: ViSP mbt/cube, "
                         "`apt-get install visp-images-data`)")
-    p.add_argument("--calib-range", default="0:100", help="FIRST:STOP frame indices the calibration frames come from")
-    p.add_argument("--eval-range", default="120:", help="FIRST:STOP frame indices of the evaluation frames")
+    p.add_argument("--calib-range", default="0:100",
+                   help="FIRST:STOP frame indices the calibration frames come from (0.0:0.45 = the first 45 %%)")
+    p.add_argument("--eval-range", default="120:",
+                   help="FIRST:STOP frame indices of the evaluation frames (0.55: = the last 45 %%)")
     p.add_argument("--calib-frames", type=int, default=20, help="calibration frames (the newest is held out)")
     p.add_argument("--eval-frames", type=int, default=12, help="evaluation frames, spread over --eval-range")
     p.add_argument("--bpp", default="0.02,0.03", help="budgets, comma-separated")
@@ -65,8 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _range(spec: str, n: int) -> range:
+    """FIRST:STOP frame indices; a bound with a decimal point is a fraction of the clip (0.5 = its middle)."""
+    def bound(text: str, default: int) -> int:
+        if not text:
+            return default
+        return int(float(text) * n) if "." in text else int(text)
+
     first, _, stop = spec.partition(":")
-    return range(int(first or 0), min(n, int(stop)) if stop else n)
+    return range(bound(first, 0), min(n, bound(stop, n)))
 
 
 def scene_frames(scene: str) -> list[tuple[str, np.ndarray]]:
@@ -104,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     calib = pick_frames([frames[i] for i in _range(args.calib_range, len(frames))], args.calib_frames)
     evals = pick_frames([frames[i] for i in _range(args.eval_range, len(frames))], args.eval_frames)
     if len(calib) < 2 or not evals:
-        raise SystemExit(f"adapt: {len(calib)} calibration and {len(evals)} evaluation frames; need 2 and 1")
+        raise SystemExit(f"adapt: {len(calib)} calibration and {len(evals)} evaluation frames of {len(frames)}; "
+                         "need 2 and 1 (for a short clip give fractions: --calib-range 0.0:0.45 --eval-range 0.55:)")
     print(f"adapt: {len(frames)} scene frames; calibration {calib[0][0]} .. {calib[-1][0]} ({len(calib)}), "
           f"evaluation {evals[0][0]} .. {evals[-1][0]} ({len(evals)})", file=sys.stderr, flush=True)
     encoder = EdgeEncoder.from_bundle(models_dir=args.models_dir, backend="onnx", scale="auto")
