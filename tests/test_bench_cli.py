@@ -173,3 +173,26 @@ def test_sequence_bench_tiny_run(tmp_path):
     inter = next(r for r in doc["rows"] if r["variant"] == "mridc-inter")
     assert inter["kinds"] == ["intra", "inter"] and all(r["psnr"] > 10 for r in doc["rows"])
     assert (out / "sequence.png").is_file() and "MRIDC inter against MRIDC intra" in (out / "summary.md").read_text()
+
+
+def test_adapt_bench_tiny_run(tmp_path):
+    """A synthetic fixed scene, a few steps of adaptation: every table, curve and cost is written, and the adapted
+    decoder is scored beside the base and the classical codec at the same bytes."""
+    from test_adaptation import scene_frame
+
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    for i in range(8):
+        Image.fromarray(scene_frame(i)).save(scene / f"{i:03d}.png")
+    out = tmp_path / "out"
+    rc = cli.main(["adapt", "--out", str(out), "--scene", str(scene), "--calib-range", "0.0:0.5",
+                   "--eval-range", "0.75:", "--calib-frames", "3", "--eval-frames", "1", "--bpp", "0.03",
+                   "--minutes", "0.05", "--checkpoints", "", "--frame-counts", "2", "--count-minutes", "0.02",
+                   "--codecs", "jpeg", "--threads", "1"])
+    assert rc == 0
+    doc = json.loads((out / "adapt.json").read_text())
+    row = doc["summary"][0]
+    assert {"base-r0", "adapted-r0", "jpeg", "classical-best"} <= set(row["variants"])
+    assert doc["adaptation"]["adapter_bytes"] > 0 and doc["link_cost"]["calibration_bytes"] > 0
+    assert [c["frames"] for c in doc["frames_curve"]] == [2] and doc["minutes_curve"]
+    assert (out / "adapt.png").is_file() and "Scene adaptation" in (out / "summary.md").read_text()

@@ -272,6 +272,10 @@ def compare(results: dict, budgets: list[float], realism: float) -> list[dict]:
     return out
 
 
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)  # n/a: no codec setting fits the bytes
+
+
 def render_markdown(doc: dict) -> str:
     meta, cfg, ad, cost = doc["meta"], doc["config"], doc["adaptation"], doc["link_cost"]
     realism = f"r{cfg['realism']:g}"
@@ -289,7 +293,8 @@ def render_markdown(doc: dict) -> str:
              scene, "", run, "", "| bpp | decoder | PSNR | MS-SSIM | MNv2-LPIPS |", "|---|---|---|---|---|"]
     for row in doc["summary"]:
         for name, m in row["variants"].items():
-            lines.append(f"| {row['bpp']:g} | {name} | {m['psnr']:.2f} | {m['ms_ssim']:.4f} | {m['mnv2_lpips']:.4f} |")
+            lines.append(f"| {row['bpp']:g} | {name} | {_fmt(m['psnr'], '.2f')} | {_fmt(m['ms_ssim'], '.4f')} | "
+                         f"{_fmt(m['mnv2_lpips'], '.4f')} |")
     header = ("| bpp | adapted vs base, PSNR | MNv2-LPIPS lower by | frames where MNv2-LPIPS beats the best of "
               f"{', '.join(cfg['codecs'])} at equal bytes (adapted r0 / adapted {realism} / base r0 / base "
               f"{realism}) |")
@@ -341,8 +346,9 @@ def plot(doc: dict, out: Path) -> None:
         fc = sorted(doc["frames_curve"], key=lambda c: c["frames"])
         axes[1][0].plot([c["frames"] for c in fc], [c[key]["psnr"] for c in fc], marker="o", label=f"{key} bpp")
         best = doc["summary"][budgets.index(bpp)]["variants"]["classical-best"]
-        axes[0][1].axhline(best["mnv2_lpips"], ls="--", lw=0.8, color=axes[0][1].lines[-1].get_color(),
-                           label=f"best classical, {key} bpp")
+        if best["mnv2_lpips"] is not None:
+            axes[0][1].axhline(best["mnv2_lpips"], ls="--", lw=0.8, color=axes[0][1].lines[-1].get_color(),
+                               label=f"best classical, {key} bpp")
     for ax, title in ((axes[0][0], "PSNR (dB) against adaptation minutes (0 = base)"),
                       (axes[0][1], "MNv2-LPIPS against adaptation minutes (lower is better)"),
                       (axes[1][0], "PSNR (dB) against calibration frames (equal-minute runs)")):
@@ -353,7 +359,8 @@ def plot(doc: dict, out: Path) -> None:
     names = [n for n in doc["summary"][0]["variants"]]
     x = np.arange(len(names))
     for j, row in enumerate(doc["summary"]):
-        ax.bar(x + j * 0.4, [row["variants"][n]["mnv2_lpips"] for n in names], 0.4, label=f"{row['bpp']:g} bpp")
+        ax.bar(x + j * 0.4, [row["variants"][n]["mnv2_lpips"] or 0.0 for n in names], 0.4,
+               label=f"{row['bpp']:g} bpp")
     ax.set_xticks(x + 0.2, names, rotation=30, fontsize=7, ha="right")
     ax.set_title("MNv2-LPIPS by decoder and codec (lower is better)", fontsize=9)
     ax.legend(fontsize=7)
