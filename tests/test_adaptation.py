@@ -251,7 +251,7 @@ def test_stills_adapt_the_service_decoder_which_survives_a_restart(tmp_path, mos
     decoder = MRIDCDecoder.from_models(with_diffusion=False, backend="torch")
 
     def service(worker_id: str) -> Worker:
-        config = ServiceConfig(out_dir=tmp_path / "cloud", mqtt_url=mosquitto.url, realism=0.0, refine_realism=0.0,
+        config = ServiceConfig(out_dir=tmp_path / "cloud", mqtt_url=mosquitto.url, realism=0.0, refine_realism=0.5,
                                worker_id=worker_id,
                                adapt=True, adapt_min_stills=3, adapt_steps=20, adapt_minutes=5, adapt_threads=1,
                                adapt_request_s=3600).validate()
@@ -294,6 +294,9 @@ def test_stills_adapt_the_service_decoder_which_survives_a_restart(tmp_path, mos
     sidecars = {r["sequence"]: json.loads((tmp_path / "cloud" / r["sidecar_path"]).read_text()) for r in rows}
     used = [s["decode"]["adapter"] for _, s in sorted(sidecars.items())]
     assert used[:4] == ["base"] * 4 and used[4:] == [version] * 2
+    # the refiner is not adapted: base decodes are previews to refine, adapted ones are final at once
+    stages = [s["stage"] for _, s in sorted(sidecars.items())]
+    assert set(stages[:4]) <= {"preview", "refined"} and stages[4:] == ["final"] * 2
     restarted = service("adapt-b")  # a restart (a new process, here a new worker) keeps the adapted weights
     try:
         assert restarted.service.adapters.version_for(DEVICE) == version

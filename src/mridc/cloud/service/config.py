@@ -106,6 +106,7 @@ class ServiceConfig:
     adapt_max_stills: int = 20  # stills one run uses (the newest)
     adapt_bpp: str = "0.02,0.03"  # the live budgets the stills are encoded at to make training pairs
     adapt_request_s: float = 600.0  # ask a device with too few stills for a round, at most this often
+    adapt_refine: bool = False  # refine adapted decodes with the (unadapted) diffusion refiner too
     calibration_max_bytes: int = 2_000_000  # larger calibration messages are rejected
     calibration_devices: str = ""  # comma-separated devices allowed to send stills ("" = every device)
 

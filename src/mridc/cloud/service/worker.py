@@ -545,6 +545,10 @@ class DecodeService:
 
     def _store(self, job: DecodeJob, image: np.ndarray, start: float, decode_s: float, batch: int) -> StoredFrame:
         env = job.frame.envelope
+        decode_record = self._decode_record(env.device_id, env.sequence)
+        # The diffusion refiner is not adapted to a scene: an adapted decode is the final picture unless
+        # adapt_refine (on the measured scene the base refiner undid the gain; docs/adaptation.md).
+        refine = decode_record.get("adapter", "base") == "base" or self.config.adapt_refine
         height, width = image.shape[:2]
         store_start = time.monotonic()
         record = StoredFrame(
@@ -552,7 +556,7 @@ class DecodeService:
             width=int(width), height=int(height), bytes=len(env.bitstream),
             bpp=len(env.bitstream) * 8 / float(width * height), model_id=env.model_id,
             transport=job.transport, worker_id=self.config.worker_id,
-            decode=self._decode_record(env.device_id, env.sequence), stage=PREVIEW if self.progressive else FINAL,
+            decode=decode_record, stage=PREVIEW if self.progressive and refine else FINAL,
             content_sha256=hashlib.sha256(env.bitstream).hexdigest(),
             timings={"queue_s": round(start - job.received_mono, 6), "decode_batch_s": round(decode_s, 6),
                      "batch_size": batch},
