@@ -247,7 +247,8 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from mridc.cloud.export import build_edge_bundle
 
-    build_edge_bundle(Path(args.tokenizer), Path(args.out), Path(args.shared_data), args.calib)
+    build_edge_bundle(Path(args.tokenizer), Path(args.out), Path(args.shared_data), args.calib,
+                      calib_method=args.calib_method)
     return EXIT_OK
 
 
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-data", default=str(default_shared_data_dir()), help="training data (calibration, prior)")
     # 24: what the shipped bundle used (rebuilt with 24, encoder_int8.onnx is byte-identical to the shipped one)
     p.add_argument("--calib", type=int, default=24, help="training crops that calibrate the int8 encoder")
+    p.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy"),
+                   help="int8 activation ranges: minmax (moving average; made the shipped bundle), percentile "
+                        "(99.999) or entropy")
     p.set_defaults(func=cmd_export)
 
     from mridc.cloud.corpus import (

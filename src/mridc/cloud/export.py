@@ -59,8 +59,19 @@ def calibration_frames(shared: Path, count: int, size=(512, 768), seed: int = 0)
     return out
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray], method: str = "minmax") -> None:
+    """Static QDQ int8. `method`: how activation ranges are calibrated. minmax (moving average) made the shipped
+    bundle; percentile (99.999) kept more tokens equal to fp32 on the EMA-codebook candidate (models/README.md)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -81,7 +92,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, frames: list[np.ndarray]) ->
     quantize_static(str(pre), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=["Conv", "Relu", "Add"], nodes_to_exclude=[convs[0], convs[-1]],
-                    extra_options={"CalibMovingAverage": True})
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[method],
+                    extra_options={"CalibMovingAverage": True} if method == "minmax" else {})
     pre.unlink(missing_ok=True)
 
 
@@ -109,7 +122,7 @@ def count_token_prior(tokenizer, shared: Path, max_side: int = 1024):
 
 
 def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_count: int = 24,
-                      log=print) -> EdgeManifest:
+                      log=print, calib_method: str = "minmax") -> EdgeManifest:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_model(tokenizer_path, "tokenizer")
     codebook = tokenizer_codebook(tokenizer)
@@ -118,8 +131,8 @@ def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_c
     log(f"model id {model_id:08x}; exporting ONNX fp32")
     export_onnx(tokenizer.encoder, out_dir / "encoder_fp32.onnx")
     frames = calibration_frames(shared, calib_count)
-    log(f"calibrating int8 on {len(frames)} training crops")
-    quantize_int8(out_dir / "encoder_fp32.onnx", out_dir / "encoder_int8.onnx", frames)
+    log(f"calibrating int8 on {len(frames)} training crops ({calib_method})")
+    quantize_int8(out_dir / "encoder_fp32.onnx", out_dir / "encoder_int8.onnx", frames, calib_method)
     log("counting the token prior on training frames")
     prior, counts = count_token_prior(tokenizer, shared)
     prior.save(out_dir / "token_prior.npz")
@@ -132,7 +145,8 @@ def build_edge_bundle(tokenizer_path: Path, out_dir: Path, shared: Path, calib_c
         output=OutputSpec(name=OUTPUT_NAME, layout="NCHW", normalised=True),
         token_entropy_bits=round(entropy, 3), codes_used_in_prior_data=int((counts > 0).sum()),
         files=bundle_files(out_dir, BUNDLE_FILES),
-        int8=Int8Notes(calibration=f"{len(frames)} training crops (mridc.cloud.export.calibration_frames, seed 0)",
+        int8=Int8Notes(calibration=f"{len(frames)} training crops (mridc.cloud.export.calibration_frames, seed 0)"
+                       + ("" if calib_method == "minmax" else f", {calib_method} ranges"),
                        float_nodes=INT8_FLOAT_NODES),
     )
     manifest.write(out_dir / "manifest.json")
