@@ -18,7 +18,6 @@ import numpy as np
 from mridc.edge.config import MIN_STILL_QUALITY, CalibrationSection
 
 STARTUP, SCHEDULE, REQUEST = "startup", "schedule", "request"
-MIN_QUALITY = MIN_STILL_QUALITY  # below it a still is downscaled instead
 
 
 class CalibrationScheduler:
@@ -61,7 +60,7 @@ def encode_still(image: np.ndarray, max_bytes: int, quality: int = 90) -> tuple[
 
     still = Image.fromarray(np.ascontiguousarray(image))
     while True:
-        for q in range(quality, MIN_QUALITY - 1, -10):
+        for q in range(quality, MIN_STILL_QUALITY - 1, -10):
             buf = io.BytesIO()
             still.save(buf, format="JPEG", quality=q)
             if buf.tell() <= max_bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .store import machine_key, process_alive
 
 log = logging.getLogger("mridc.cloud.service")
 
@@ -51,16 +52,6 @@ class AdaptationSettings:
     poll_s: float = 5.0  # how often adapters written by other workers are picked up
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SceneAdapters:
     """The decoder each device is decoded with, and the background adaptation runs that improve it."""
 
@@ -76,6 +67,7 @@ class SceneAdapters:
         self._versions: dict[str, str] = {}
         self._running: dict[str, threading.Thread] = {}
         self._asked: dict[str, float] = {}
+        self._still_counts: dict[str, int] = {}  # kept by add_still and the poll: no directory listing per frame
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -118,7 +110,9 @@ class SceneAdapters:
         return sorted(p for p in folder.iterdir() if p.suffix in STILL_SUFFIX.values()) if folder.exists() else []
 
     def still_count(self, device: str) -> int:
-        return len(self.stills(device))
+        if device not in self._still_counts:
+            self._still_counts[device] = len(self.stills(device))
+        return self._still_counts[device]
 
     def add_still(self, device: str, sequence: int, image: bytes, image_format: str) -> bool:
         """Keep one validated still (durably: temporary file, fsync, rename). False if it was kept before."""
@@ -133,8 +127,10 @@ class SceneAdapters:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        for old in self.stills(device)[:-2 * self.settings.max_stills]:
+        held = self.stills(device)
+        for old in held[:-2 * self.settings.max_stills]:
             old.unlink(missing_ok=True)
+        self._still_counts[device] = min(len(held), 2 * self.settings.max_stills)
         self.maybe_start(device)
         return True
 
@@ -161,6 +157,7 @@ class SceneAdapters:
 
     def reload_all(self) -> None:
         for device in self.devices():
+            self._still_counts.pop(device, None)  # other workers may have added stills
             self.reload(device)
 
     def reload(self, device: str) -> bool:
@@ -247,15 +244,15 @@ class SceneAdapters:
                     holder = json.loads(path.read_text())
                 except (OSError, ValueError):
                     holder = {}
-                same_host = holder.get("host") == socket.gethostname()
-                stale = (same_host and not _pid_alive(int(holder.get("pid", 0)))) or \
+                same_machine = holder.get("machine") == machine_key()  # a PID means the same process only there
+                stale = (same_machine and not process_alive(int(holder.get("pid", 0)))) or \
                     time.time() - float(holder.get("since", 0)) > self._timeout_s() + 60
                 if not stale:
                     return False
                 path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, fh)
+                json.dump({"machine": machine_key(), "pid": os.getpid(), "since": time.time()}, fh)
             return True
         return False
 

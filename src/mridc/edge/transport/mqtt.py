@@ -149,26 +149,21 @@ class MqttTransport(Transport):
             self._thread.start()
 
     def send(self, envelope: mridc_pb2.FrameEnvelope) -> bool:
-        if not self._connected.is_set():
-            return False
-        payload = envelope.SerializeToString()
-        info = self._client.publish(frames_topic(self.device_id), payload, qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        self.stats["frames_sent"] += 1
-        self.stats["bytes_sent"] += len(payload)
-        return True
+        return self._publish(frames_topic(self.device_id), envelope.SerializeToString(), "frames_sent")
 
     supports_calibration = True
 
     def send_calibration(self, message: mridc_pb2.CalibrationFrame) -> bool:
+        return self._publish(calibration_topic(self.device_id), message.SerializeToString(), "calibration_sent")
+
+    def _publish(self, topic: str, payload: bytes, counter: str) -> bool:
+        """QoS 1 publish when connected; counts the message and its bytes. False: keep it queued."""
         if not self._connected.is_set():
             return False
-        payload = message.SerializeToString()
-        info = self._client.publish(calibration_topic(self.device_id), payload, qos=1)
+        info = self._client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
-        self.stats["calibration_sent"] = self.stats.get("calibration_sent", 0) + 1
+        self.stats[counter] = self.stats.get(counter, 0) + 1
         self.stats["bytes_sent"] += len(payload)
         return True
 
